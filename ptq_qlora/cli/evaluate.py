@@ -1,0 +1,24 @@
+"""`python eval.py stage.input=<run folder | model folder | Hub id> task=<task>`: evaluate any
+model on any task (conf/eval.yaml)."""
+import hydra
+from omegaconf import DictConfig
+
+from ptq_qlora.cli.quiet import quiet_third_party
+from ptq_qlora.config import setup
+
+setup()
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()
+    from ptq_qlora.stages.runner import objective, run_job
+    from ptq_qlora.tracking import tracker_for
+
+    with tracker_for(cfg) as tracker:
+        summary = run_job(cfg, tracker)
+    return objective(summary, cfg)
+
+
+if __name__ == "__main__":
+    main()

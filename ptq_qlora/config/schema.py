@@ -1,0 +1,130 @@
+"""Structured configs: every group's YAML starts from one of these, so a misspelt key fails at
+compose time. Registered in Hydra's ConfigStore as `<group>/<group>_schema`."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from ptq_qlora.data.config import DataConfig, TaskConfig
+from ptq_qlora.models.config import ModelConfig
+from ptq_qlora.quantizers.config import QuantizerConfig
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "???"
+    device: str = "cpu"  # cpu | cuda
+    # Training and inference dtype of 16-bit weights. T4 has no bf16, so its profile says float16.
+    dtype: str = "float32"
+    train_batch_size: int = 8
+    grad_accum: int = 1
+    eval_batch_size: int = 16
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    dataloader_workers: int = 0
+    torch_threads: Optional[int] = None  # None: torch's default
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training stage (full SFT or QLoRA)."""
+
+    lr: float = 2e-5
+    scheduler: str = "cosine"
+    epochs: float = 2.0
+    max_steps: int = -1  # >0 overrides epochs (smoke runs)
+    warmup: float = 0.03  # ratio of total steps when < 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 5
+    save_steps: int = 50  # checkpoints a crash resumes from
+    save_total_limit: int = 2
+
+
+@dataclass
+class QLoRATrainConfig(TrainConfig):
+    lr: float = 2e-4
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Optional[list] = None  # None: the model's lora_target_modules
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # evaluate each model a job produces (the paper's three points)
+    split: str = "test"
+    max_new_tokens: Optional[int] = None  # None: the task's
+    batch_size: Optional[int] = None  # None: the hardware profile's
+
+
+@dataclass
+class StageConfig:
+    """What a job runs. The chain is fixed (base -> sft -> ptq -> qlora); a job runs it up to
+    `target`, reusing every completed upstream stage of the same lineage, and evaluates the
+    models named in `eval_points`. `lr`/`scheduler`/`epochs` are shortcuts for the step named by
+    `trains` (they default to `${sft.lr}` or `${qlora.lr}`), so `-m stage.lr=...` sweeps it."""
+
+    name: str = "???"
+    target: Optional[str] = None  # sft | ptq | qlora | None (evaluate `input` only)
+    eval_points: list = field(default_factory=list)  # of base | sft | ptq | qlora | input
+    trains: Optional[str] = None  # sft | qlora | None
+    lr: Optional[float] = None
+    scheduler: Optional[str] = None
+    epochs: Optional[float] = None
+    # A stage run alone may start from this instead of its upstream stage: a run-store folder,
+    # a model folder or a Hub id.
+    input: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "ptq-qlora"
+    entity: Optional[str] = None
+    mode: str = "offline"
+
+
+@dataclass
+class PathsConfig:
+    root: str = "???"
+    data_dir: str = "???"
+    store: str = "???"
+    output_dir: str = "???"
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("task", TaskConfig),
+        ("data", DataConfig),
+        ("quantizer", QuantizerConfig),
+        ("hardware", HardwareConfig),
+        ("stage", StageConfig),
+        ("logger", LoggerConfig),
+        ("paths", PathsConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+@dataclass
+class RunConfig:
+    """Top level: the groups plus the two training recipes every lineage depends on."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    qlora: QLoRATrainConfig = field(default_factory=QLoRATrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 42
+    force: bool = False  # redo stages even when a completed one with the same lineage exists
+    experiment_name: str = "default"

@@ -1,0 +1,93 @@
+"""Schemas of the `task` and `data` config groups (owned by ptq_qlora.data).
+
+`conf/task/<name>.yaml` and `conf/data/<name>.yaml` start from these (Hydra ConfigStore names
+`task/task_schema` and `data/data_schema`), so a misspelt key fails at compose time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TypeVar, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+SPLITS = ("train", "dev", "test")
+KINDS = ("classification", "generation")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    kind: str = "???"  # classification | generation
+    hub_id: str = "???"
+    hub_revision: Optional[str] = None
+    mirror: str = "???"  # folder name under data.local_dir
+    split_sizes: dict = field(default_factory=dict)  # {train, dev, test} as in the paper's Table 1
+    # How dev/test are carved where the source lacks them (each task builder reads what it needs).
+    dev_fraction: Optional[float] = None  # banking77: dev = this fraction of the source train split
+    split_ratios: Optional[list] = None  # bitext: [train, dev, test] fractions of the only split
+    # The full user instruction; `{text}` = the input, `{labels}` = the shuffled label list.
+    prompt_template: str = "???"
+    label_separator: str = ", "
+    text_field: str = "???"
+    label_field: Optional[str] = None  # classification: column holding the gold label
+    reference_field: Optional[str] = None  # generation: column holding the reference output
+    id_field: Optional[str] = None  # column with a stable row id; None: the row's index in its split
+    # Known label set, in canonical spelling. None: take it from the source (banking77's
+    # label_names.json / the Hub ClassLabel). Rows whose label is outside it are skipped.
+    labels: Optional[list] = None
+    max_new_tokens: int = 32
+    metrics: list = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = "???"
+    source: str = "auto"  # auto (local mirror if its folder exists, else hub) | hub | local
+    local_dir: Optional[str] = None  # folder holding the mirrors (<local_dir>/<mirror>/<split>.jsonl)
+    seed: int = 42  # every split, sample and prompt shuffle derives from it
+    # General-instruction rows mixed into train (and dev), as a fraction of the task's rows there.
+    general_mix_ratio: float = 0.1
+    general_in_dev: bool = True
+    general_hub_id: str = "tatsu-lab/alpaca"
+    general_hub_revision: Optional[str] = None
+    general_mirror: str = "alpaca"
+    general_prompt_template: str = "{instruction}"
+    general_prompt_template_with_input: str = "{instruction}\n\n{input}"
+    # Subsets of the paper-size splits (prefixes, so a smaller cap is a subset); null keeps the paper's sizes.
+    max_train: Optional[int] = None
+    max_dev: Optional[int] = None
+    max_test: Optional[int] = None
+    # Length filter (paper 4.2: 3200 / 800), applied when a tokenizer is passed.
+    max_input_tokens: int = 3200
+    max_output_tokens: int = 800
+
+
+C = TypeVar("C", TaskConfig, DataConfig)
+
+
+def as_schema(cfg: Union[C, DictConfig, dict], schema: type[C]) -> C:
+    """A validated dataclass instance from a dataclass, a (Hydra) DictConfig node or a dict.
+
+    Interpolations are resolved against the node's own root first (e.g. `${paths.data_dir}`),
+    because merging a detached node into the schema would lose them.
+    """
+    if isinstance(cfg, schema):
+        return dataclasses.replace(cfg)
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    merged = OmegaConf.merge(OmegaConf.structured(schema), {k: v for k, v in dict(cfg).items() if k != "defaults"})
+    return OmegaConf.to_object(merged)
+
+
+def load_yaml_config(path: Union[str, Path], schema: type[C], **overrides) -> C:
+    """Read one `conf/task/*.yaml` or `conf/data/*.yaml` file without Hydra (tests, notebooks).
+
+    Its Hydra `defaults` list is dropped; unresolvable interpolations such as `${paths.data_dir}`
+    must be replaced through `overrides` (e.g. `local_dir=...`).
+    """
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    raw.update(overrides)
+    return as_schema(raw, schema)

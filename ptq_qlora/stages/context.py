@@ -1,0 +1,33 @@
+"""What every stage of one job shares: the config, the run store, the task data, the tracker."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ptq_qlora.data import TaskData
+from ptq_qlora.runstore import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobContext:
+    cfg: Any
+    store: RunStore
+    data: TaskData
+    tracker: Optional[Any] = None  # experiment logger (None: logging off)
+    results: dict = field(default_factory=dict)
+
+    def log_metrics(self, metrics: dict, prefix: str) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, prefix=prefix)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; known: float32, bfloat16, float16") from None

@@ -1,0 +1,73 @@
+"""What shapes each stage's output, hashed into its lineage. Machine-specific paths (data dir,
+store) and settings that do not change results (eval batch size, logging) stay out, so the same
+experiment on another machine has the same lineage."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ptq_qlora.runstore import lineage_of
+
+# data settings that select where rows come from, not which rows: not part of the lineage
+_DATA_LOCATION_KEYS = ("local_dir", "source")
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def data_identity(cfg) -> dict:
+    data = {k: v for k, v in _plain(cfg.data).items() if k not in _DATA_LOCATION_KEYS}
+    return {"task": _plain(cfg.task), "data": data}
+
+
+def prompt_identity(cfg) -> dict:
+    return {"chat_template": cfg.model.chat_template, "prompt_template": cfg.model.prompt_template}
+
+
+def train_settings(cfg, step: str) -> dict:
+    """The step's hyperparameters, with the `stage.lr/scheduler/epochs` shortcuts applied when
+    this job's stage trains that step."""
+    settings = _plain(cfg[step])
+    if cfg.stage.trains == step:
+        for key in ("lr", "scheduler", "epochs"):
+            if cfg.stage[key] is not None:
+                settings[key] = cfg.stage[key]
+    return settings
+
+
+def _training_context(cfg) -> dict:
+    return {
+        "seed": cfg.seed,
+        "dtype": cfg.hardware.dtype,
+        "effective_batch": cfg.hardware.train_batch_size * cfg.hardware.grad_accum,
+    }
+
+
+def base_lineage(cfg, source: str | None = None) -> str:
+    return lineage_of(None, model=source or cfg.model.source, revision=cfg.model.revision)
+
+
+def sft_lineage(cfg, parent: str) -> str:
+    return lineage_of(
+        parent, stage="sft", train=train_settings(cfg, "sft"), **data_identity(cfg),
+        prompt=prompt_identity(cfg), **_training_context(cfg),
+    )
+
+
+def ptq_lineage(cfg, parent: str) -> str:
+    # calibration samples come from the task's training split, so the data shapes it too
+    return lineage_of(parent, stage="ptq", quantizer=_plain(cfg.quantizer), **data_identity(cfg), seed=cfg.seed)
+
+
+def qlora_lineage(cfg, parent: str) -> str:
+    return lineage_of(
+        parent, stage="qlora", train=train_settings(cfg, "qlora"), **data_identity(cfg),
+        prompt=prompt_identity(cfg), **_training_context(cfg),
+    )
+
+
+def eval_lineage(cfg, parent: str) -> str:
+    return lineage_of(
+        parent, stage="eval", **data_identity(cfg), prompt=prompt_identity(cfg),
+        split=cfg.eval.split, max_new_tokens=cfg.eval.max_new_tokens, dtype=cfg.hardware.dtype,
+    )

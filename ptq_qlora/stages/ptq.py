@@ -1,0 +1,49 @@
+"""Stage 2: 4-bit post-training quantization of the SFT model (bnb NF4 or GPTQ)."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+from omegaconf import OmegaConf
+
+from ptq_qlora.models.loading import load_tokenizer
+from ptq_qlora.models.prompting import render_prompt
+from ptq_qlora.stages.context import JobContext
+from ptq_qlora.stages.lineage import ptq_lineage
+from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
+
+log = logging.getLogger(__name__)
+
+
+def calibration_texts(ctx: JobContext, tokenizer, count: int) -> list[str]:
+    """GPTQ calibration samples: rendered prompt + answer of task training rows (seeded)."""
+    rows = [r for r in ctx.data.train if r["source"] == "task"]
+    random.Random(ctx.cfg.seed).shuffle(rows)
+    return [render_prompt(tokenizer, ctx.cfg.model, r["prompt"]) + r["completion"] for r in rows[:count]]
+
+
+def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
+    from ptq_qlora.quantizers import quantize, validate
+
+    cfg = ctx.cfg
+    qcfg = cfg.quantizer
+    if qcfg.method == "none":
+        log.info("quantizer=none: the PTQ point is the 16-bit model itself")
+        return parent
+    lineage = ptq_lineage(cfg, parent.lineage)
+    found = None if cfg.force else ctx.store.find("ptq", lineage)
+    if found:
+        log.info("PTQ reused from %s", found.path)
+        return ref_from_stage_folder(found)
+
+    tokenizer = load_tokenizer(parent.model_path)
+    texts = calibration_texts(ctx, tokenizer, int(qcfg.get("calibration_samples") or 0))
+    validate(qcfg, parent.model_path, n_calibration=len(texts))  # before any long work
+    qplain = OmegaConf.to_container(qcfg, resolve=True)
+    with ctx.store.writing("ptq", lineage, {"parent": parent.to_json(), "quantizer": qplain}, force=cfg.force) as out:
+        stats = quantize(qcfg, parent.model_path, out / "model", tokenizer, texts, compute_dtype=cfg.hardware.dtype)
+        (out / "metrics.json").write_text(json.dumps(stats, indent=2, default=str))
+        save_ref(out, ModelRef("ptq", qcfg.label, lineage, "model", quantizer=qplain))
+    ctx.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}, prefix="ptq")
+    return ref_from_stage_folder(ctx.store.find("ptq", lineage))

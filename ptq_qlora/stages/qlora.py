@@ -1,0 +1,58 @@
+"""Stage 3: QLoRA — LoRA trained on the frozen 4-bit model with the SFT data mix; the adapter
+alone is saved and evaluated unmerged over the 4-bit base."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ptq_qlora.models.loading import load_tokenizer
+from ptq_qlora.stages.context import JobContext
+from ptq_qlora.stages.lineage import qlora_lineage, train_settings
+from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
+from ptq_qlora.training import train_causal_lm
+
+log = logging.getLogger(__name__)
+
+
+def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
+    cfg = ctx.cfg
+    if not parent.quantized:
+        raise ValueError(
+            f"QLoRA needs a 4-bit model, but {parent.label} ({parent.model_path}) is not quantized: "
+            "choose quantizer=bnb-nf4 or quantizer=gptq-4bit, or point stage.input at a PTQ run"
+        )
+    from ptq_qlora.adapters import attach_lora
+    from ptq_qlora.quantizers import load_quantized
+
+    lineage = qlora_lineage(cfg, parent.lineage)
+    found = None if cfg.force else ctx.store.find("qlora", lineage)
+    if found:
+        log.info("QLoRA reused from %s", found.path)
+        return ref_from_stage_folder(found)
+
+    settings = train_settings(cfg, "qlora")
+    targets = list(settings.get("target_modules") or cfg.model.lora_target_modules)
+    with ctx.store.writing("qlora", lineage, {"parent": parent.to_json(), "train": settings}, force=cfg.force) as out:
+        from omegaconf import OmegaConf
+
+        qcfg = OmegaConf.create(parent.quantizer)
+        model = load_quantized(qcfg, parent.model_path, compute_dtype=cfg.hardware.dtype, for_training=True)
+        tokenizer = load_tokenizer(parent.model_path)
+        model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        metrics = train_causal_lm(
+            model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
+            report_to=ctx.tracker.report_to if ctx.tracker else "none",
+            max_length=cfg.data.max_input_tokens + cfg.data.max_output_tokens,
+            run_name=f"qlora-{lineage}",
+        )
+        metrics["trainable_parameters"] = trainable
+        model.save_pretrained(out / "adapter")
+        ctx.store.drop_checkpoints(out)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        base_rel = os.path.relpath(parent.model_path, ctx.store.final_dir("qlora", lineage))
+        save_ref(out, ModelRef("qlora", f"{parent.label}+QLoRA", lineage, base_rel,
+                               quantizer=parent.quantizer, adapter_path="adapter"))
+    ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, prefix="qlora/train")
+    return ref_from_stage_folder(ctx.store.find("qlora", lineage))

@@ -1,0 +1,88 @@
+"""Every config composes, typos and unknown options fail at compose time with the valid names."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ptq_qlora.config import CONF_DIR, setup
+from ptq_qlora.stages.lineage import sft_lineage, train_settings
+
+setup()
+GROUPS = ["model", "task", "data", "quantizer", "stage", "hardware", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def experiments() -> list[str]:
+    root = CONF_DIR / "experiment"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def make(overrides=(), name="config"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides))
+    cfg.paths.output_dir = "/tmp/unused"  # the hydra: resolver only exists inside a Hydra run
+    return cfg
+
+
+def test_default_config_resolves():
+    cfg = make()
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert plain["model"]["name"] == "smollm2-135m" and plain["stage"]["target"] == "sft"
+    assert Path(plain["paths"]["data_dir"]).name == "data"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes(group):
+    assert options(group), f"conf/{group} is empty"
+    for option in options(group):
+        cfg = make([f"{group}={option}"])
+        OmegaConf.to_container(cfg, resolve=True)
+        assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("experiment", experiments())
+def test_every_experiment_composes(experiment):
+    OmegaConf.to_container(make([f"experiment={experiment}"]), resolve=True)
+
+
+def test_eval_entry_config_composes():
+    cfg = make(name="eval")
+    assert cfg.stage.name == "eval" and cfg.stage.target is None
+
+
+def test_misspelt_key_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        make(["stage.lrr=1e-4"])
+    with pytest.raises(ConfigCompositionException, match="batch_sise"):
+        make(["hardware.batch_sise=3"])
+
+
+def test_unknown_option_lists_the_known_ones():
+    with pytest.raises(ConfigCompositionException) as err:
+        make(["model=gpt-17"])
+    message = str(err.value)
+    assert "gpt-17" in message and "smollm2-135m" in message and "tiny-random" in message
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException):
+        make(["sft.lr=fast"])
+
+
+def test_stage_lr_shortcut_drives_the_trained_step_and_its_lineage():
+    base = make(["stage=qlora"])
+    swept = make(["stage=qlora", "stage.lr=5e-4"])
+    assert train_settings(base, "qlora")["lr"] == base.qlora.lr
+    assert train_settings(swept, "qlora")["lr"] == 5e-4
+    # the SFT stage a QLoRA sweep builds on keeps its lineage: it is trained once
+    assert sft_lineage(base, "p") == sft_lineage(swept, "p")
+    assert sft_lineage(make(["stage=sft"]), "p") != sft_lineage(make(["stage=sft", "stage.lr=1e-6"]), "p")
+
+
+def test_t4_profile_has_no_bf16():
+    assert make(["hardware=t4"]).hardware.dtype == "float16"
