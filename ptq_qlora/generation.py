@@ -49,9 +49,8 @@ def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, t
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
     return input_ids, attention_mask
 
 
@@ -101,6 +100,9 @@ def generate_batched(
         raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
 
     token_rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    empty = [i for i, row in enumerate(token_rows) if not row]
+    if empty:
+        raise ValueError(f"prompts at positions {empty[:10]} tokenize to nothing")
     order = sorted(range(len(prompts)), key=lambda i: -len(token_rows[i]))  # stable: ties keep order
     config = _greedy_config(model, tokenizer, max_new_tokens, pad_token_id, stop_strings)
     device = _model_device(model)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 
 def encode_prompt(tokenizer, rendered_prompt: str) -> list[int]:
-    """Token ids of a prompt already rendered by `ptq_qlora.models.prompting.render_prompt`.
-    The tokenizer's special tokens (e.g. Llama's BOS) are added unless the rendering (a chat
-    template) already starts with them."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and rendered_prompt.startswith(bos))
-    return tokenizer(rendered_prompt, add_special_tokens=add_special)["input_ids"]
+    """Token ids of a prompt already rendered by `ptq_qlora.models.prompting.render_prompt`, which
+    writes any BOS the model expects into the text; so no special tokens are added here, exactly
+    as `generate_batched` encodes prompts."""
+    return tokenizer(rendered_prompt, add_special_tokens=False)["input_ids"]
 
 
 def encode_training_example(tokenizer, rendered_prompt: str, completion: str) -> dict:

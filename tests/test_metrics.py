@@ -48,9 +48,15 @@ def test_parse_label_prefers_longest_then_earliest():
         "card_payment_wrong_exchange_rate"
     )
     # Two labels of equal length: the one mentioned first.
-    labels = ["pin_blocked", "top_up_lim"]  # both 11 characters
-    assert parse_label("maybe top_up_lim, or pin_blocked", labels) == "top_up_lim"
-    assert parse_label("maybe pin_blocked, or top_up_lim", labels) == "pin_blocked"
+    labels = ["age_limit", "card_swap"]  # both 9 characters
+    assert len(labels[0]) == len(labels[1])
+    assert parse_label("maybe card_swap, or age_limit", labels) == "card_swap"
+    assert parse_label("maybe age_limit, or card_swap", labels) == "age_limit"
+
+
+def test_parse_label_first_line_outranks_later_mentions():
+    text = "The intent is card arrival.\nIt is not about the exchange rate."
+    assert parse_label(text, BANKING) == "card_arrival"  # although "exchange rate" is longer
 
 
 def test_parse_label_substring_label_pairs():
@@ -165,6 +171,11 @@ def test_sentence_splitting_is_offline():
     assert split_sentences("Hello there. How are you? Fine!\nNew line") == [
         "Hello there.", "How are you?", "Fine!", "New line",
     ]
+
+
+def test_rouge_multi_reference_takes_the_best():
+    _, per_example = rouge_metrics(["the cat sat"], [["a dog ran", "the cat sat on the mat"]])
+    assert per_example[0]["rouge1"] == pytest.approx(2 / 3)
 
 
 def test_empty_prediction_scores_zero():

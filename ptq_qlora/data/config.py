@@ -27,7 +27,8 @@ class TaskConfig:
     # How dev/test are carved where the source lacks them (each task builder reads what it needs).
     dev_fraction: Optional[float] = None  # banking77: dev = this fraction of the source train split
     split_ratios: Optional[list] = None  # bitext: [train, dev, test] fractions of the only split
-    # The full user instruction; `{text}` = the input, `{labels}` = the shuffled label list.
+    # The full user instruction (str.format: `{text}` = the input, `{labels}` = the shuffled label
+    # list; write literal braces as `{{ }}`).
     prompt_template: str = "???"
     label_separator: str = ", "
     text_field: str = "???"

@@ -58,10 +58,14 @@ def _scorer() -> rouge_scorer.RougeScorer:
 
 
 def rouge_metrics(
-    predictions: list[str], references: list[str], split_sentences_for_lsum: bool = True
+    predictions: list[str],
+    references: list[str | list[str]],
+    split_sentences_for_lsum: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Per-example ROUGE F-measures and their means (summary also holds `n`).
 
+    A reference may be a list of strings (DialogSum's test split has three human summaries per
+    dialogue): each score is then the best over them, per ROUGE type (`RougeScorer.score_multi`).
     `split_sentences_for_lsum=False` scores rougeLsum on the text as given (then rougeLsum ~ rougeL).
     """
     if len(predictions) != len(references):
@@ -75,7 +79,10 @@ def rouge_metrics(
     scorer = _scorer()
     per_example = []
     for prediction, reference in zip(predictions, references):
-        scores = scorer.score(prepare(reference), prepare(prediction))  # (target, prediction)
+        if isinstance(reference, str):
+            scores = scorer.score(prepare(reference), prepare(prediction))  # (target, prediction)
+        else:
+            scores = scorer.score_multi([prepare(r) for r in reference], prepare(prediction))
         per_example.append({name: float(scores[name].fmeasure) for name in ROUGE_TYPES})
     summary = {name: sum(row[name] for row in per_example) / len(per_example) for name in ROUGE_TYPES}
     summary["n"] = len(per_example)

@@ -8,7 +8,7 @@ import time
 
 from ptq_qlora.generation import generate_batched
 from ptq_qlora.metrics import compute_metrics
-from ptq_qlora.models.prompting import render_prompt
+from ptq_qlora.models.prompting import completion_suffix, render_prompt
 from ptq_qlora.provenance import provenance
 from ptq_qlora.stages.context import JobContext
 from ptq_qlora.stages.lineage import eval_lineage
@@ -33,17 +33,21 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
     with ctx.store.writing("eval", lineage, {"model": ref.to_json()}, force=cfg.force) as out:
         model, tokenizer = load_for_inference(cfg, ref)
         prompts = [render_prompt(tokenizer, cfg.model, p) for p in split["prompt"]]
+        # chat models whose turn end differs from eos must still stop at the turn end
+        suffix = completion_suffix(tokenizer, cfg.model)
+        stop = [suffix] if suffix != tokenizer.eos_token else None
         started = time.time()
         # 4-bit bases on CPU must not see inference_mode (their LoRA gradients go wrong later
         # in the same process); no_grad is as fast for generation.
         predictions = generate_batched(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            inference_mode=not ref.quantized, desc=f"eval {ref.label}",
+            inference_mode=not ref.quantized, stop_strings=stop, desc=f"eval {ref.label}",
         )
         seconds = time.time() - started
-        summary, per_example = compute_metrics(ctx.data.kind, predictions, split["reference"], ctx.data.labels)
+        references = list(split["reference"])
+        summary, per_example = compute_metrics(ctx.data.kind, predictions, references, ctx.data.labels)
         with open(out / "predictions.jsonl", "w") as f:
-            for row_id, pred, gold, scores in zip(split["id"], predictions, split["reference"], per_example):
+            for row_id, pred, gold, scores in zip(split["id"], predictions, references, per_example):
                 f.write(json.dumps({"id": row_id, "prediction": pred, "reference": gold, **scores}) + "\n")
         metrics = {
             **summary,

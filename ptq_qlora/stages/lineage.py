@@ -9,6 +9,8 @@ from ptq_qlora.runstore import lineage_of
 
 # data settings that select where rows come from, not which rows: not part of the lineage
 _DATA_LOCATION_KEYS = ("local_dir", "source")
+# quantizer settings that only change how a checkpoint is loaded or checked, not its weights
+_QUANTIZER_LOADING_KEYS = ("verify_reload", "backend_eval", "backend_train", "cpu_packed_eval")
 
 
 def _plain(node) -> dict:
@@ -44,7 +46,9 @@ def _training_context(cfg) -> dict:
 
 
 def base_lineage(cfg, source: str | None = None) -> str:
-    return lineage_of(None, model=source or cfg.model.source, revision=cfg.model.revision)
+    if source is not None:  # a given folder or Hub id
+        return lineage_of(None, model=source)
+    return lineage_of(None, model=cfg.model.source, revision=cfg.model.revision, extra=_plain(cfg.model.extra))
 
 
 def sft_lineage(cfg, parent: str) -> str:
@@ -56,7 +60,8 @@ def sft_lineage(cfg, parent: str) -> str:
 
 def ptq_lineage(cfg, parent: str) -> str:
     # calibration samples come from the task's training split, so the data shapes it too
-    return lineage_of(parent, stage="ptq", quantizer=_plain(cfg.quantizer), **data_identity(cfg), seed=cfg.seed)
+    quantizer = {k: v for k, v in _plain(cfg.quantizer).items() if k not in _QUANTIZER_LOADING_KEYS}
+    return lineage_of(parent, stage="ptq", quantizer=quantizer, **data_identity(cfg), seed=cfg.seed)
 
 
 def qlora_lineage(cfg, parent: str) -> str:

@@ -24,7 +24,7 @@ def calibration_texts(ctx: JobContext, tokenizer, count: int) -> list[str]:
 
 
 def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
-    from ptq_qlora.quantizers import quantize, validate
+    from ptq_qlora.quantizers import quantize
 
     cfg = ctx.cfg
     qcfg = cfg.quantizer
@@ -39,9 +39,9 @@ def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
 
     tokenizer = load_tokenizer(parent.model_path)
     texts = calibration_texts(ctx, tokenizer, int(qcfg.get("calibration_samples") or 0))
-    validate(qcfg, parent.model_path, n_calibration=len(texts))  # before any long work
     qplain = OmegaConf.to_container(qcfg, resolve=True)
     with ctx.store.writing("ptq", lineage, {"parent": parent.to_json(), "quantizer": qplain}, force=cfg.force) as out:
+        # quantize() validates the source, group sizes and calibration count before long work
         stats = quantize(qcfg, parent.model_path, out / "model", tokenizer, texts, compute_dtype=cfg.hardware.dtype)
         (out / "metrics.json").write_text(json.dumps(stats, indent=2, default=str))
         save_ref(out, ModelRef("ptq", qcfg.label, lineage, "model", quantizer=qplain))

@@ -22,7 +22,7 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             f"QLoRA needs a 4-bit model, but {parent.label} ({parent.model_path}) is not quantized: "
             "choose quantizer=bnb-nf4 or quantizer=gptq-4bit, or point stage.input at a PTQ run"
         )
-    from ptq_qlora.adapters import attach_lora
+    from ptq_qlora.adapters import attach_lora, parameter_counts
     from ptq_qlora.quantizers import load_quantized
 
     lineage = qlora_lineage(cfg, parent.lineage)
@@ -39,15 +39,17 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         qcfg = OmegaConf.create(parent.quantizer)
         model = load_quantized(qcfg, parent.model_path, compute_dtype=cfg.hardware.dtype, for_training=True)
         tokenizer = load_tokenizer(parent.model_path)
-        model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"])
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                            gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        counts = parameter_counts(model)
+        log.info("QLoRA on %s: %s", parent.label, counts)
         metrics = train_causal_lm(
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
             report_to=ctx.tracker.report_to if ctx.tracker else "none",
             max_length=cfg.data.max_input_tokens + cfg.data.max_output_tokens,
             run_name=f"qlora-{lineage}",
         )
-        metrics["trainable_parameters"] = trainable
+        metrics.update(counts)
         model.save_pretrained(out / "adapter")
         ctx.store.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

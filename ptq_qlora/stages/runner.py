@@ -61,6 +61,19 @@ def steps_to_run(target: str | None, start: ModelRef) -> list[str]:
     return steps
 
 
+def check_quantizer_early(ctx: JobContext, start: ModelRef) -> None:
+    """Fail on a bad quantizer setting (group size vs layer widths, too few calibration samples)
+    before SFT spends hours: SFT does not change the shapes the checks look at."""
+    if ctx.cfg.quantizer.method == "none" or not (Path(start.model_path) / "config.json").exists():
+        return
+    from ptq_qlora.quantizers import validate
+    from ptq_qlora.stages.ptq import calibration_texts
+
+    tokenizer = load_tokenizer(start.model_path)
+    count = int(ctx.cfg.quantizer.get("calibration_samples") or 0)
+    validate(ctx.cfg.quantizer, start.model_path, tokenizer, calibration_texts(ctx, tokenizer, count))
+
+
 def run_job(cfg, tracker=None) -> dict:
     set_seed(cfg.seed)
     start = start_ref(cfg)
@@ -69,7 +82,9 @@ def run_job(cfg, tracker=None) -> dict:
     log.info("task %s: %s", cfg.task.name, json.dumps(data.stats, default=str))
     ctx = JobContext(cfg, RunStore(cfg.paths.store), data, tracker)
 
-    refs = {start.point: start}
+    if "ptq" in steps:
+        check_quantizer_early(ctx, start)
+    refs = {start.point: start, "input": start}
     if start.point == "input":
         refs["base"] = start
     previous = start

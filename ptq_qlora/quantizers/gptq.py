@@ -1,0 +1,174 @@
+"""`gptq`: GPTQ through gptqmodel; the checkpoint loads in transformers (+ optimum) with a named kernel.
+
+CPU kernels (gptqmodel 7.6, measured in tests): `gptq_torch_aten` (TorchAtenLinear, int4pack matmul in
+bf16) is fast for inference but drops gradients once it has run an inference forward;
+`gptq_torch` (TorchLinear, dequantize + matmul in the model dtype) is exact and trains. See
+training_safety.py.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ptq_qlora.quantizers.config import QuantizerConfig
+from ptq_qlora.quantizers.registry import QuantMethod, register
+from ptq_qlora.quantizers.training_safety import training_hazards
+
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # gptqmodel's accepted values
+CPU_BACKENDS = {"eval": "gptq_torch_aten", "train": "gptq_torch"}
+CUDA_BACKENDS = {"eval": "auto", "train": "auto_trainable"}
+
+
+def import_gptqmodel():
+    """Import gptqmodel with a worker count it accepts: its default, (cores + 1) // 2, gives 1 on a
+    2-core machine, and its model-loader pool needs 2 ("requests 2 workers but parent 'cpu' only has 1")."""
+    if "GPTQMODEL_CPU_WORKERS" not in os.environ and ((os.cpu_count() or 1) + 1) // 2 < 2:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+    import gptqmodel
+
+    return gptqmodel
+
+
+def resolve_backend(qcfg: QuantizerConfig, for_training: bool, device: str) -> str:
+    chosen = qcfg.backend_train if for_training else qcfg.backend_eval
+    if chosen:
+        return chosen
+    if device.startswith("cuda"):
+        return CUDA_BACKENDS["train" if for_training else "eval"]
+    if for_training or qcfg.bits != 4 or qcfg.group_size not in (16, 32, 64, 128):
+        return CPU_BACKENDS["train"]  # TorchAten only takes 4-bit, group size 16..128
+    return CPU_BACKENDS["eval"]
+
+
+def quantized_linear_widths(src_dir: Path) -> dict[str, int]:
+    """Input width of every nn.Linear GPTQ will quantize (all but the output head), from config only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(src_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
+def calibration_examples(qcfg: QuantizerConfig, tokenizer, texts: list[str]) -> list[dict]:
+    """Tokenized samples gptqmodel will actually use: truncated, too-short ones dropped, first N kept."""
+    if tokenizer is None:
+        raise ValueError("GPTQ needs a tokenizer to tokenize its calibration texts")
+    examples = []
+    for text in texts:
+        # texts come rendered (BOS included where the model wants one): add no special tokens
+        ids = tokenizer(text, truncation=True, max_length=qcfg.calibration_max_tokens,
+                        add_special_tokens=False)["input_ids"]
+        if len(ids) > qcfg.calibration_min_tokens:  # gptqmodel drops len <= min_length
+            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+        if len(examples) == qcfg.calibration_samples:
+            break
+    return examples
+
+
+def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts: list[str]) -> None:
+    import_gptqmodel()  # here rather than in _quantize: its ~7 s import is not quantization time
+    if qcfg.group_size not in GROUP_SIZES:
+        raise ValueError(f"GPTQ group_size {qcfg.group_size} is not supported; choose one of {GROUP_SIZES}")
+    if qcfg.group_size != -1:
+        for name, width in quantized_linear_widths(src_dir).items():
+            if width % qcfg.group_size:
+                raise ValueError(f"GPTQ group_size {qcfg.group_size} does not divide layer {name} input width {width}")
+    if not 0 < qcfg.damp_percent < 1:
+        raise ValueError(f"GPTQ damp_percent must be in (0, 1), got {qcfg.damp_percent}")
+    if qcfg.desc_act and qcfg.act_group_aware:
+        raise ValueError("GPTQ desc_act and act_group_aware are mutually exclusive (gptqmodel refuses both)")
+    usable = len(calibration_examples(qcfg, tokenizer, calibration_texts))
+    if usable < qcfg.min_calibration_samples:
+        raise ValueError(
+            f"GPTQ needs at least {qcfg.min_calibration_samples} calibration samples longer than "
+            f"{qcfg.calibration_min_tokens} tokens; got {usable} from {len(calibration_texts)} texts"
+        )
+
+
+def drop_cpu_torch_compile(model: torch.nn.Module) -> None:
+    """TorchLinear wraps its dequantizer in torch.compile at load time; on CPU the first forward then
+    spends ~25 s building C++ kernels (even for a 2-layer toy) for no training benefit. Removing the
+    instance attribute falls back to the plain method."""
+    for module in model.modules():
+        if "dequantize_weight" in vars(module):
+            del module.dequantize_weight
+
+
+def _quantize(qcfg, src_dir: Path, out_dir: Path, tokenizer, calibration_texts, compute_dtype):
+    import_gptqmodel()
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    quant_config = QuantizeConfig(
+        bits=qcfg.bits, group_size=qcfg.group_size, desc_act=qcfg.desc_act, sym=qcfg.sym,
+        damp_percent=qcfg.damp_percent, act_group_aware=qcfg.act_group_aware,
+        # gptqmodel's default offloads finished layers to a temp folder and leaves meta tensors behind,
+        # so the in-memory result could not be run or compared with the saved checkpoint.
+        offload_to_disk=False,
+    )
+    # dtype: gptqmodel's "auto" picks bf16 on CPU and would store embeddings/norms/lm_head in bf16
+    # even for an fp32 source; follow the caller's compute dtype instead.
+    model = GPTQModel.load(str(src_dir), quant_config, device=device, dtype=compute_dtype)
+    # Name the kernel the in-memory result uses: `auto` may pick a JIT/downloaded kernel on CPU.
+    model.quantize(
+        calibration_examples(qcfg, tokenizer, calibration_texts),
+        batch_size=qcfg.calibration_batch_size,
+        tokenizer=tokenizer,
+        backend=BACKEND(resolve_backend(qcfg, True, device)),
+        calibration_data_min_length=qcfg.calibration_min_tokens,
+    )
+    model.save(str(out_dir))
+    hf_model = model.model
+    _zeros_to_kernel_format(hf_model)
+    if device == "cpu":
+        drop_cpu_torch_compile(hf_model)
+    return hf_model
+
+
+def _zeros_to_kernel_format(model: torch.nn.Module) -> None:
+    """After quantize(), gptqmodel leaves qzeros in the v1 (checkpoint) encoding while its kernels
+    expect v2 (zero-point + 1), so the in-memory model computes with every zero point off by one
+    (logits differ from the reloaded checkpoint by ~0.7 on the tiny model). Loading converts; do the
+    same here, after saving, so the in-memory model is the one the checkpoint describes."""
+    from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module
+
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "REQUIRES_FORMAT_V2", False) and module.qzero_format() == 1:
+                convert_gptq_v1_to_v2_format_module(module, bits=module.bits, pack_dtype=module.pack_dtype)
+
+
+def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_training: bool, device_map):
+    import_gptqmodel()
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    device = str(next(iter(device_map.values()))) if isinstance(device_map, dict) else str(device_map or "cpu")
+    backend = resolve_backend(qcfg, for_training, device)
+    # Only loading attributes (backend) of this config are used, the rest comes from config.json;
+    # transformers warns about exactly that, which is what we want.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=compute_dtype, device_map=device_map,
+            quantization_config=GPTQConfig(bits=qcfg.bits, backend=backend),
+        )
+    if device == "cpu":
+        drop_cpu_torch_compile(model)
+    if for_training and training_hazards(model):
+        raise ValueError(f"GPTQ backend {backend!r} is not safe for training: {training_hazards(model)[0]}")
+    return model
+
+
+def _describe(qcfg: QuantizerConfig) -> dict:
+    return {"group_size": qcfg.group_size, "desc_act": qcfg.desc_act, "act_group_aware": qcfg.act_group_aware,
+            "sym": qcfg.sym, "damp_percent": qcfg.damp_percent, "calibration_samples": qcfg.calibration_samples,
+            "calibration_max_tokens": qcfg.calibration_max_tokens}
+
+
+register(QuantMethod(name="gptq", supported_bits=(2, 3, 4, 8), validate=_validate, quantize=_quantize,
+                     load=_load, needs_calibration=True, describe=_describe))

@@ -1,0 +1,105 @@
+"""Test helpers: a tiny random Llama + byte tokenizer (no downloads), and a dequantized fp32 reference
+for checking LoRA gradients through a 4-bit base. Small enough to run in CPU unit tests."""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import torch
+
+
+def byte_level_tokenizer():
+    """256 byte tokens + <s>, </s>, <pad>: every string encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a 2-layer random LlamaForCausalLM (hidden 64, intermediate 128) and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_level_tokenizer()
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    settings.update(config_overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def random_texts(n: int, seed: int = 0, length: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    words = "the bank card was charged twice please refund my transfer account balance summary".split()
+    return [" ".join(rng.choice(words) for _ in range(length // 6)) for _ in range(n)]
+
+
+def dequantize_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """An fp32 nn.Linear holding exactly the weights a 4-bit layer multiplies by."""
+    if hasattr(getattr(module, "weight", None), "quant_state"):  # bitsandbytes Linear4bit
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    elif hasattr(module, "qweight"):  # gptqmodel quant linear: dequantize_weight() is [in, out]
+        weight = type(module).dequantize_weight(module).T
+    else:
+        weight = module.weight
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    linear.weight.data.copy_(weight.float())
+    if module.bias is not None:
+        linear.bias.data.copy_(module.bias.float())
+    return linear
+
+
+def dequantized_reference(peft_model) -> torch.nn.Module:
+    """fp32 twin of a LoRA-on-4-bit model: dequantized base layers, same other weights, same LoRA.
+    Build it before any inference pass (TorchAten's repacking destroys the original qweight)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    ref = AutoModelForCausalLM.from_config(base.config, dtype=torch.float32)
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            parent, child = name.rsplit(".", 1)
+            setattr(ref.get_submodule(parent), child, dequantize_linear(module.base_layer))
+    plain = {n: p.detach().float() for n, p in base.named_parameters() if "lora_" not in n and ".base_layer." not in n}
+    unexpected = ref.load_state_dict(plain, strict=False).unexpected_keys
+    assert not unexpected, f"reference lacks {unexpected}"
+    ref = get_peft_model(ref, copy.deepcopy(peft_model.peft_config["default"]))
+    lora = {n: p.detach().float() for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert not ref.load_state_dict(lora, strict=False).unexpected_keys
+    return ref
+
+
+def lora_gradients(peft_model, input_ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of every trainable (LoRA) parameter for one causal-LM batch."""
+    peft_model.train()
+    peft_model.zero_grad(set_to_none=True)
+    loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in peft_model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def relative_gradient_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(||g - g_ref|| / ||g_ref|| over all LoRA params, worst per-tensor relative error)."""
+    assert grads.keys() == reference.keys()
+    diff = sum(((grads[k].float() - reference[k].float()) ** 2).sum() for k in reference) ** 0.5
+    norm = sum((reference[k].float() ** 2).sum() for k in reference) ** 0.5
+    worst = max(((grads[k].float() - reference[k].float()).norm() / reference[k].float().norm().clamp_min(1e-30)).item()
+                for k in reference)
+    return (diff / norm).item(), worst
