@@ -24,17 +24,17 @@ def tokenize_for_training(dataset: Dataset, tokenizer, model_cfg) -> Dataset:
 
     def encode(row):
         completion = row["completion"] if row["completion"].endswith(suffix) else row["completion"] + suffix
-        return encode_training_example(tokenizer, render_prompt(tokenizer, model_cfg, row["prompt"]), completion)
+        encoded = encode_training_example(tokenizer, render_prompt(tokenizer, model_cfg, row["prompt"]), completion)
+        return {**encoded, "length": len(encoded["input_ids"])}  # read by the length-grouped sampler
 
     return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
 
 
 def precision_flags(dtype: str, device: str) -> dict:
-    """Mixed precision for the Trainer. Weights loaded in fp32 on CPU train in fp32 (TRL would
-    otherwise turn bf16 on by default)."""
-    if device == "cpu":
-        return {"bf16": dtype == "bfloat16", "fp16": False, "use_cpu": True}
-    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16", "use_cpu": False}
+    """Mixed precision (autocast) for the Trainer, from the hardware's compute dtype; always
+    explicit, since TRL turns bf16 on by default. On CPUs with AVX512-BF16 bf16 autocast trains
+    SmolLM2-135M 2.5x faster than fp32 (5.5 vs 14 s a step, see README)."""
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16", "use_cpu": device == "cpu"}
 
 
 def train_causal_lm(
@@ -75,6 +75,8 @@ def train_causal_lm(
         gradient_checkpointing=hardware.gradient_checkpointing,
         dataloader_num_workers=hardware.dataloader_workers,
         completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if train_cfg.get("group_by_length") else "random",
+        length_column_name="length",
         max_length=max_length,
         seed=seed,
         data_seed=seed,

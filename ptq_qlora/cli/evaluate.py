@@ -4,12 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 from ptq_qlora.cli.quiet import quiet_third_party
-from ptq_qlora.config import setup
+from ptq_qlora.config import CONF_DIR, setup
 
 setup()
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party()
     from ptq_qlora.stages.runner import objective, run_job

@@ -14,8 +14,11 @@ from ptq_qlora.quantizers.config import QuantizerConfig
 class HardwareConfig:
     name: str = "???"
     device: str = "cpu"  # cpu | cuda
-    # Training and inference dtype of 16-bit weights. T4 has no bf16, so its profile says float16.
-    dtype: str = "float32"
+    # Compute dtype: inference of 16-bit models, 4-bit compute, and mixed-precision training
+    # (autocast). T4 has no bf16, so its profile says float16.
+    dtype: str = "bfloat16"
+    # Weights held during full SFT (fp32 master weights under bf16/fp16 autocast where memory allows).
+    train_dtype: str = "float32"
     train_batch_size: int = 8
     grad_accum: int = 1
     eval_batch_size: int = 16
@@ -40,6 +43,8 @@ class TrainConfig:
     logging_steps: int = 5
     save_steps: int = 50  # checkpoints a crash resumes from
     save_total_limit: int = 2
+    # Batch rows of similar length (HF's LengthGroupedSampler): far less padding on mixed data.
+    group_by_length: bool = True
 
 
 @dataclass

@@ -41,6 +41,7 @@ def _training_context(cfg) -> dict:
     return {
         "seed": cfg.seed,
         "dtype": cfg.hardware.dtype,
+        "train_dtype": cfg.hardware.train_dtype,
         "effective_batch": cfg.hardware.train_batch_size * cfg.hardware.grad_accum,
     }
 

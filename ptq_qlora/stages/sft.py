@@ -29,7 +29,7 @@ def run_sft(ctx: JobContext, parent: ModelRef) -> ModelRef:
     meta = {"parent": parent.to_json(), "train": settings, "config": OmegaConf.to_container(cfg, resolve=True)}
     with ctx.store.writing("sft", lineage, meta, force=cfg.force) as out:
         model, tokenizer = load_model_and_tokenizer(
-            cfg.model, dtype=cfg.hardware.dtype, path=parent.model_path,
+            cfg.model, dtype=cfg.hardware.train_dtype, path=parent.model_path,
             attn_implementation=cfg.hardware.attn_implementation,
         )
         trainable, total = count_parameters(model)
