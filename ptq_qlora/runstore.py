@@ -2,7 +2,8 @@
 hash of every config that shaped it. A stage writes into `.partial-<kind>-<lineage>/`, drops a
 `completed` marker with its metrics, then renames the folder into place, so a folder without the
 marker is never read. A crashed stage keeps its partial folder (checkpoints included) and the next
-run with the same lineage resumes there. A file lock keeps two jobs off the same lineage."""
+run with the same lineage resumes there. A file lock keeps two jobs off the same lineage. On several
+GPUs all ranks write into the one partial folder and rank 0 alone marks and renames it (`writing`)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,25 +68,41 @@ class RunStore:
     @contextmanager
     def writing(self, kind: str, lineage: str, meta: dict, force: bool = False) -> Iterator[Path]:
         """Yield the partial folder to write into; on success mark it completed and move it into
-        place. The caller writes `metrics.json` itself (or passes metrics through `meta`)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        place. The caller writes `metrics.json` itself (or passes metrics through `meta`).
+
+        Several ranks (torchrun / accelerate launch): every rank gets the same partial folder (the
+        lineage is the same everywhere) and writes its part into it; rank 0 alone takes the lock,
+        prepares the folder, writes the marker and renames, and the other ranks wait at barriers
+        before writing (the folder exists), after writing (all parts are there) and after the
+        rename (the final folder is in place for everyone)."""
+        from ptq_qlora import distributed
+
+        main = distributed.is_main_process()
         final = self.final_dir(kind, lineage)
         partial = self.partial_dir(kind, lineage)
-        with FileLock(str(self.root / f".lock-{kind}-{lineage}")):
-            if force and final.exists():
-                log.info("force=true: redoing %s", final.name)
-                shutil.rmtree(final)
-            if partial.exists():
-                log.info("resuming unfinished stage in %s", partial)
-            partial.mkdir(parents=True, exist_ok=True)
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f".lock-{kind}-{lineage}")) if main else nullcontext():
+            if main:
+                if force and final.exists():
+                    log.info("force=true: redoing %s", final.name)
+                    shutil.rmtree(final)
+                if partial.exists():
+                    log.info("resuming unfinished stage in %s", partial)
+                partial.mkdir(parents=True, exist_ok=True)
+            distributed.barrier()
             yield partial
-            meta = {**meta, "kind": kind, "lineage": lineage, "finished_at": time.time()}
-            (partial / META).write_text(json.dumps(meta, indent=2, default=str))
-            (partial / COMPLETED).write_text("")
-            if final.exists():  # a stale copy (force, or a race before the lock existed)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-        log.info("stage %s completed: %s", kind, final)
+            distributed.barrier()
+            if main:
+                meta = {**meta, "kind": kind, "lineage": lineage, "finished_at": time.time()}
+                (partial / META).write_text(json.dumps(meta, indent=2, default=str))
+                (partial / COMPLETED).write_text("")
+                if final.exists():  # a stale copy (force, or a race before the lock existed)
+                    shutil.rmtree(final)
+                os.replace(partial, final)
+            distributed.barrier()
+        if main:
+            log.info("stage %s completed: %s", kind, final)
 
 
 def read_record(path: str | os.PathLike) -> StageRecord:

@@ -1,25 +1,43 @@
 """Causal-LM fine-tuning shared by the full-SFT and QLoRA stages: TRL's SFTTrainer over
 pre-tokenized prompt/completion pairs (loss on the completion only), with checkpoints a crashed
-run resumes from."""
+run resumes from.
+
+Several GPUs: launched by torchrun / accelerate launch, the same Trainer runs data-parallel (DDP) or
+fully sharded (FSDP2 through Accelerate) as the hardware profile says (ptq_qlora/distributed.py);
+`trainer_arguments` (importable without trl, datasets or hydra) builds the arguments both paths and
+benchmarks/fsdp_sft.py use, and `save_trained_model` gathers a sharded model into one HF folder."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from ptq_qlora import distributed
 
-from ptq_qlora.models.prompting import completion_suffix, render_prompt
-from ptq_qlora.tokenization import encode_training_example
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
 
-def tokenize_for_training(dataset: Dataset, tokenizer, model_cfg) -> Dataset:
+def __getattr__(name: str):
+    """`training.SFTTrainer` / `training.SFTConfig` stay reachable (tests patch them) while trl is
+    imported only when training starts."""
+    if name in ("SFTConfig", "SFTTrainer"):
+        import trl
+
+        return getattr(trl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tokenize_for_training(dataset: "Dataset", tokenizer, model_cfg) -> "Dataset":
     """Render each prompt as the model will see it at test time and append the end-of-answer text."""
+    from ptq_qlora.models.prompting import completion_suffix, render_prompt
+    from ptq_qlora.tokenization import encode_training_example
+
     suffix = completion_suffix(tokenizer, model_cfg)
 
     def encode(row):
@@ -37,25 +55,13 @@ def precision_flags(dtype: str, device: str) -> dict:
     return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16", "use_cpu": device == "cpu"}
 
 
-def train_causal_lm(
-    model,
-    tokenizer,
-    train_rows: Dataset,
-    model_cfg,
-    train_cfg: dict,
-    hardware,
-    out_dir: Path,
-    seed: int,
-    report_to: str = "none",
-    max_length: int | None = None,
-    run_name: str | None = None,
-) -> dict:
-    """Train `model` in place; checkpoints go to `out_dir/checkpoints` and a rerun resumes from
-    the newest one. Returns training metrics."""
-    train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
-    ckpt_dir = out_dir / "checkpoints"
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
+def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: int, report_to: str = "none",
+                      run_name: str | None = None, peft: bool = False) -> dict:
+    """Keyword arguments for `transformers.TrainingArguments` (and TRL's SFTConfig, its subclass):
+    the step's hyperparameters, the hardware profile's batch/precision, and, when launched on several
+    GPUs, its DDP or FSDP settings (`peft`: LoRA over a frozen base, which uses `qlora_distributed`)."""
+    return dict(
+        output_dir=str(output_dir),
         run_name=run_name,
         per_device_train_batch_size=hardware.train_batch_size,
         gradient_accumulation_steps=hardware.grad_accum,
@@ -72,18 +78,78 @@ def train_causal_lm(
         save_strategy="steps",
         save_steps=train_cfg["save_steps"],
         save_total_limit=train_cfg["save_total_limit"],
-        gradient_checkpointing=hardware.gradient_checkpointing,
         dataloader_num_workers=hardware.dataloader_workers,
-        completion_only_loss=True,
         train_sampling_strategy="group_by_length" if train_cfg.get("group_by_length") else "random",
         length_column_name="length",
-        max_length=max_length,
         seed=seed,
         data_seed=seed,
         report_to=report_to,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
+        disable_tqdm=not distributed.is_main_process(),
         **precision_flags(hardware.dtype, hardware.device),
+        **distributed.trainer_distributed_args(hardware, peft=peft),
+    )
+
+
+def save_trained_model(trainer, model, save_dir: str | Path, dtype=None) -> None:
+    """Write the trained model (or PEFT adapter) as a normal HF folder, on every launch shape. One
+    process: `model.save_pretrained`. DDP: rank 0 saves its replica. FSDP: every rank joins the
+    gather of the full state dict (Accelerate, onto rank 0's CPU) and rank 0 saves it, cast back to
+    `dtype` (the profile's train_dtype; FSDP keeps fp32 master shards under bf16 mixed precision).
+    All ranks return once the folder is complete."""
+    save_dir = Path(save_dir)
+    accelerator = trainer.accelerator
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state = accelerator.get_state_dict(trainer.model)  # collective
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(trainer.model)
+            is_peft = hasattr(unwrapped, "peft_config")
+            if dtype is not None and not is_peft:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            unwrapped.save_pretrained(str(save_dir), state_dict=state)
+            config_file = save_dir / "config.json"
+            if dtype is not None and not is_peft and config_file.exists():
+                # save_pretrained records the sharded (fp32 master) parameters' dtype
+                config = json.loads(config_file.read_text())
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        del state
+    elif accelerator.num_processes > 1:
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(trainer.model).save_pretrained(str(save_dir))
+    else:
+        model.save_pretrained(str(save_dir))
+    accelerator.wait_for_everyone()
+
+
+def train_causal_lm(
+    model,
+    tokenizer,
+    train_rows: "Dataset",
+    model_cfg,
+    train_cfg: dict,
+    hardware,
+    out_dir: Path,
+    seed: int,
+    report_to: str = "none",
+    max_length: int | None = None,
+    run_name: str | None = None,
+    save_dir: Path | None = None,
+) -> dict:
+    """Train `model` in place; checkpoints go to `out_dir/checkpoints` and a rerun resumes from
+    the newest one. With `save_dir`, the trained model (a PEFT model: its adapter) is saved there as
+    a normal HF folder, also when it was sharded over several GPUs. Returns training metrics."""
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    distributed.check_world_size(hardware)
+    peft = hasattr(model, "peft_config")
+    train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    args = SFTConfig(
+        **trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name, peft=peft),
+        completion_only_loss=True,
+        max_length=max_length,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
@@ -92,8 +158,13 @@ def train_causal_lm(
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
+    if save_dir is not None:
+        from ptq_qlora.models.loading import resolve_dtype
+
+        save_trained_model(trainer, model, save_dir, dtype=None if peft else resolve_dtype(hardware.train_dtype))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = trainer.state.num_input_tokens_seen  # all ranks together
+    gpus = trainer.accelerator.num_processes
     return {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else math.nan,
@@ -104,5 +175,8 @@ def train_causal_lm(
         "train_examples": len(train_ds),
         "train_tokens_seen": int(tokens),
         "train_tokens_per_second": float(tokens) / seconds if seconds > 0 else math.nan,
+        "train_tokens_per_second_per_process": float(tokens) / seconds / gpus if seconds > 0 else math.nan,
+        "world_size": gpus,
+        "distributed": distributed.strategy_for(hardware, peft=peft),
         "resumed_from": resume,
     }

@@ -222,3 +222,11 @@ def test_wilcoxon_all_equal_and_bad_input():
     assert "all differences are zero" in result["note"]
     with pytest.raises(ValueError, match="equal lengths"):
         paired_wilcoxon([1.0, 2.0], [1.0])
+
+
+def test_wilcoxon_is_exact_when_few_pairs_differ():
+    # 4 of 20 pairs differ, all in one direction: the exact two-sided p is 2/2**4 = 0.125;
+    # scipy's normal approximation on all 20 pairs would call it significant (p ~ 0.046)
+    result = paired_wilcoxon([1.0] * 4 + [0.0] * 16, [0.0] * 20)
+    assert result["n_nonzero"] == 4
+    assert result["p_value"] == pytest.approx(0.125)

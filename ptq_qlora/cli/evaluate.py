@@ -1,5 +1,7 @@
 """`python eval.py stage.input=<run folder | model folder | Hub id> task=<task>`: evaluate any
-model on any task (conf/eval.yaml)."""
+model on any task (conf/eval.yaml). `python eval.py report ...`: reports (ptq_qlora.report.cli)."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -10,14 +12,24 @@ setup()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def _evaluate(cfg: DictConfig) -> float | None:
     quiet_third_party()
+    from ptq_qlora.distributed import main_process_tracker, quiet_other_ranks
     from ptq_qlora.stages.runner import objective, run_job
-    from ptq_qlora.tracking import tracker_for
 
-    with tracker_for(cfg) as tracker:
+    quiet_other_ranks()
+    with main_process_tracker(cfg) as tracker:  # W&B on rank 0 only (several GPUs)
         summary = run_job(cfg, tracker)
     return objective(summary, cfg)
+
+
+def main():
+    """`eval.py report ...` goes to the report CLI (argparse) before Hydra sees the arguments."""
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from ptq_qlora.report.cli import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
+    return _evaluate()
 
 
 if __name__ == "__main__":

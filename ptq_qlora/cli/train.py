@@ -11,10 +11,11 @@ setup()
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party()
+    from ptq_qlora.distributed import main_process_tracker, quiet_other_ranks
     from ptq_qlora.stages.runner import objective, run_job
-    from ptq_qlora.tracking import tracker_for
 
-    with tracker_for(cfg) as tracker:
+    quiet_other_ranks()
+    with main_process_tracker(cfg) as tracker:  # W&B on rank 0 only (several GPUs)
         summary = run_job(cfg, tracker)
     return objective(summary, cfg)
 

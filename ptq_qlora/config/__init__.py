@@ -20,4 +20,10 @@ def setup() -> None:
     """Idempotent: register schemas and resolvers before Hydra composes anything."""
     if not OmegaConf.has_resolver("ptq_root"):
         OmegaConf.register_new_resolver("ptq_root", project_root)
+    if not OmegaConf.has_resolver("run_stamp"):
+        # like Hydra's ${now:FMT}, but one value for all ranks of a multi-GPU launch (env
+        # PTQ_QLORA_RUN_ID, else rank 0's clock through the launcher's store): ptq_qlora.distributed
+        from ptq_qlora.distributed import run_stamp
+
+        OmegaConf.register_new_resolver("run_stamp", run_stamp)
     register_schemas()

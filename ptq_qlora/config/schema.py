@@ -26,6 +26,23 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"
     dataloader_workers: int = 0
     torch_threads: Optional[int] = None  # None: torch's default
+    # --- several GPUs (ptq_qlora/distributed.py). Used only when started by a launcher
+    # (`torchrun --nproc_per_node N train.py ...` or `accelerate launch ...`); a plain
+    # `python train.py` stays on one device. Batch sizes above are per GPU: the effective batch is
+    # train_batch_size * grad_accum * num_processes * num_machines.
+    num_processes: int = 1  # GPUs (processes) per machine the profile is written for
+    num_machines: int = 1
+    distributed: str = "none"  # full SFT: none | ddp | fsdp
+    qlora_distributed: str = "ddp"  # LoRA over a frozen (4-bit) base: none | ddp | fsdp
+    fsdp_version: int = 2  # FSDP2 (fully_shard); 1 is deprecated in transformers
+    fsdp_sharding: str = "full_shard"  # full_shard | shard_grad_op (FSDP1 also hybrid_shard, ...)
+    # Trainer checkpoints (resume): sharded, each rank writes its shard. The stage's final model is
+    # always gathered into one normal HF folder.
+    fsdp_state_dict_type: str = "SHARDED_STATE_DICT"
+    fsdp_cpu_offload: bool = False  # parameters/optimizer state in host memory (slow; last resort)
+    fsdp_cpu_ram_efficient_loading: bool = False  # rank 0's weights broadcast to the others
+    fsdp_wrap_layers: Optional[list] = None  # None: the model's decoder layer (_no_split_modules)
+    ddp_bucket_cap_mb: Optional[int] = None  # None: torch's default (25)
 
 
 @dataclass
@@ -85,10 +102,13 @@ class StageConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = "none"  # none | wandb
     project: str = "ptq-qlora"
     entity: Optional[str] = None
-    mode: str = "offline"
+    mode: str = "auto"  # auto (online with a W&B key, else offline) | online | offline | disabled
+    group: Optional[str] = None  # None: the job's SFT lineage (ptq_qlora/tracking.py)
+    tags: list = field(default_factory=list)
+    artifacts: str = "reference"  # stage folders as W&B artifacts: reference | upload | none
 
 
 @dataclass

@@ -20,9 +20,12 @@ KINDS = ("classification", "generation")
 class TaskConfig:
     name: str = "???"
     kind: str = "???"  # classification | generation
-    hub_id: str = "???"
+    hub_id: Optional[str] = None  # the paper's tasks: always set; custom: a Hub id or null (local files)
     hub_revision: Optional[str] = None
-    mirror: str = "???"  # folder name under data.local_dir
+    mirror: Optional[str] = None  # folder name under data.local_dir (the paper's tasks)
+    # Registry key of the task builder (ptq_qlora.data.tasks.TASKS); None: `name`. Lets the custom
+    # builder run under a task name of the user's choosing (`task.name=call_purpose`).
+    builder: Optional[str] = None
     split_sizes: dict = field(default_factory=dict)  # {train, dev, test} as in the paper's Table 1
     # How dev/test are carved where the source lacks them (each task builder reads what it needs).
     dev_fraction: Optional[float] = None  # banking77: dev = this fraction of the source train split
@@ -38,8 +41,22 @@ class TaskConfig:
     # Known label set, in canonical spelling. None: take it from the source (banking77's
     # label_names.json / the Hub ClassLabel). Rows whose label is outside it are skipped.
     labels: Optional[list] = None
+    # The label set as a file: one label per line (blank lines skipped) or a JSON list (.json).
+    labels_file: Optional[str] = None
     max_new_tokens: int = 32
     metrics: list = field(default_factory=list)
+    # The custom task (conf/task/custom.yaml): the user's own rows, from local files or `hub_id`.
+    # `path`: one JSONL / JSON / CSV / TSV / Parquet file, carved into train/dev/test by
+    # `split_ratios` with data.seed; or `train_file` (+ `dev_file`, `test_file`): the user's own
+    # splits, a missing dev/test split being carved from train the same way.
+    path: Optional[str] = None
+    train_file: Optional[str] = None
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    # Per-kind defaults ({classification: {...}, generation: {...}}) that `prompt_template`,
+    # `metrics` and `max_new_tokens` may interpolate (`${.kind_defaults.${.kind}.metrics}`), so one
+    # `task.kind=generation` switches them together. Unused by the paper's tasks.
+    kind_defaults: Optional[dict] = None
 
 
 @dataclass
@@ -82,7 +99,7 @@ def as_schema(cfg: Union[C, DictConfig, dict], schema: type[C]) -> C:
     return OmegaConf.to_object(merged)
 
 
-def load_yaml_config(path: Union[str, Path], schema: type[C], **overrides) -> C:
+def load_yaml_config(path: Union[str, Path], schema: type[C], /, **overrides) -> C:
     """Read one `conf/task/*.yaml` or `conf/data/*.yaml` file without Hydra (tests, notebooks).
 
     Its Hydra `defaults` list is dropped; unresolvable interpolations such as `${paths.data_dir}`

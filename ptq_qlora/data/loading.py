@@ -39,17 +39,23 @@ def load_task_data(task_cfg, data_cfg, tokenizer=None) -> TaskData:
     `data.max_input_tokens` (prompt) or `data.max_output_tokens` (completion) are dropped.
     """
     task, data = as_schema(task_cfg, TaskConfig), as_schema(data_cfg, DataConfig)
-    spec = TASKS.get(task.name)
+    spec = TASKS.get(task.builder or task.name)
     _check_task(task)
-    raw = load_raw(source=data.source, local_dir=data.local_dir, mirror=task.mirror,
-                   hub_id=task.hub_id, hub_revision=task.hub_revision, splits=spec.source_splits)
+    if spec.read is not None:
+        raw = spec.read(task)
+    else:
+        if not task.hub_id or not task.mirror:
+            raise ValueError(f"task {task.name!r}: needs hub_id and mirror (the Hub id and the mirror folder name)")
+        raw = load_raw(source=data.source, local_dir=data.local_dir, mirror=task.mirror,
+                       hub_id=task.hub_id, hub_revision=task.hub_revision, splits=spec.source_splits)
     skips = SkipCounts()
     skips.malformed.update({s: n for s, n in raw.malformed.items() if n})
     ctx = BuildContext(task, raw, data.seed, skips)
     pools = spec.make_pools(ctx)
     caps = {"train": data.max_train, "dev": data.max_dev, "test": data.max_test}
     requested = {s: _requested(task.split_sizes[s], caps[s]) for s in SPLITS}
-    splits = {s: _take(pools[s], requested[s], s, task.name) for s in SPLITS}
+    # a cap above a task's own size (split_sizes null: every row) is only a limit, no shortfall
+    splits = {s: _take(pools[s], requested[s], s, task.name, warn=task.split_sizes[s] is not None) for s in SPLITS}
 
     general_source = None
     wanted = general_counts(data, {s: len(rows) for s, rows in splits.items()})
@@ -93,12 +99,16 @@ def _check_task(task: TaskConfig) -> None:
         raise ValueError(f"task {task.name!r}: split_sizes lacks {missing} (needs train, dev, test)")
 
 
-def _requested(paper_size, cap) -> int:
-    return int(paper_size) if cap is None else min(int(paper_size), int(cap))
+def _requested(paper_size, cap) -> Optional[int]:
+    """Rows to take; None = the whole pool (a task whose split_sizes are null, e.g. custom)."""
+    sizes = [int(n) for n in (paper_size, cap) if n is not None]
+    return min(sizes) if sizes else None
 
 
-def _take(pool: list[dict], n: int, split: str, task: str) -> list[dict]:
-    if len(pool) < n:
+def _take(pool: list[dict], n: Optional[int], split: str, task: str, warn: bool = True) -> list[dict]:
+    if n is None:
+        return pool
+    if len(pool) < n and warn:
         log.warning("task %s: %s has %d usable rows, fewer than the %d requested; using all of them",
                     task, split, len(pool), n)
     return pool[:n]
@@ -110,7 +120,7 @@ def _check_result(splits: dict, requested: dict, task: str, skips: SkipCounts, d
         if ids[a] & ids[b]:  # guards the builders; a shared row would inflate test scores
             raise RuntimeError(f"task {task}: {len(ids[a] & ids[b])} rows are in both {a} and {b}")
     for s, rows in splits.items():
-        if requested[s] > 0 and not any(r["source"] == "task" for r in rows):
+        if (requested[s] is None or requested[s] > 0) and not any(r["source"] == "task" for r in rows):
             raise ValueError(
                 f"task {task}: the {s} split is empty after skipping rows (malformed: "
                 f"{dict(skips.malformed)}, unknown label: {dict(skips.unknown_label)}, too long: {dropped[s]})")

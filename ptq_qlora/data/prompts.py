@@ -8,15 +8,27 @@ whatever else is in the split and in whatever process it is built.
 from __future__ import annotations
 
 import random
+from string import Formatter
 from typing import Sequence
 
 
 def check_template(template: str, kind: str, task: str) -> None:
-    """Fail at load time, not mid-run, on a template that misses a placeholder."""
-    needed = ["{text}"] + (["{labels}"] if kind == "classification" else [])
-    missing = [p for p in needed if p not in template]
+    """Fail at load time, not mid-run, on a template that misses a placeholder or uses one this
+    kind of task does not fill (e.g. `{labels}` in a generation task)."""
+    filled = ["text"] + (["labels"] if kind == "classification" else [])
+    try:
+        used = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError as err:  # a lone brace
+        raise ValueError(f"task {task!r}: prompt_template is not a valid str.format template ({err}); "
+                         "write literal braces as {{ }}") from None
+    missing = [f"{{{p}}}" for p in filled if p not in used]
     if missing:
         raise ValueError(f"task {task!r}: prompt_template lacks {', '.join(missing)}")
+    unknown = sorted(f"{{{p}}}" for p in used - set(filled))
+    if unknown:
+        raise ValueError(f"task {task!r}: prompt_template uses {', '.join(unknown)}, which a {kind} task does "
+                         f"not fill (it fills {', '.join('{' + p + '}' for p in filled)}); write literal "
+                         "braces as {{ }}")
 
 
 def shuffled_labels(labels: Sequence[str], seed: int, example_id: str) -> list[str]:

@@ -109,3 +109,17 @@ def read_hub(hub_id: str, revision: Optional[str], splits: Sequence[str]) -> Raw
                 class_labels[column] = list(feature.names)
         out[split] = [{**row, ROW_KEY: i} for i, row in enumerate(ds.to_list())]
     return RawData(out, "hub", class_labels, {s: 0 for s in splits})
+
+
+def read_labels_file(path: str) -> list[str]:
+    """A label set from a file: a JSON list (`.json`) or one label per line (blank lines skipped)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"labels file not found: {file.resolve()} (task.labels_file)")
+    text = file.read_text(encoding="utf-8-sig")
+    if file.suffix.lower() == ".json":
+        names = json.loads(text)
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise ValueError(f"{file}: expected a JSON list of label names")
+        return [str(n).strip() for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]

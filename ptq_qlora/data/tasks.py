@@ -14,6 +14,8 @@ So a capped subset is always a prefix of the paper-size split, and pools never s
   comes from the remaining train rows; test comes from the test split only. The test split has
   3 human references per dialogue (`test_N_1..3`): whole dialogues are sampled, so 900 rows = 300
   dialogues x 3 references, and each prompt appears up to 3 times with different references.
+- custom (ptq_qlora/data/custom.py): the user's own files or Hub id; their train/dev/test where
+  given, a missing dev/test carved from train by `split_ratios` (default 8/1/1).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable, Optional, Sequence
 from ptq_qlora.data.config import TaskConfig
 from ptq_qlora.data.filtering import SkipCounts, label_name, text_field
 from ptq_qlora.data.prompts import classification_prompt, generation_prompt
-from ptq_qlora.data.sources import ROW_KEY, RawData
+from ptq_qlora.data.sources import ROW_KEY, RawData, read_labels_file
 from ptq_qlora.registry import Registry
 
 
@@ -45,10 +47,13 @@ class BuildContext:
         self.labels = self._label_set() if task.kind == "classification" else None
 
     def _label_set(self) -> list[str]:
-        names = self.task.labels or self.raw.class_labels.get(self.task.label_field)
+        if self.task.labels and self.task.labels_file:
+            raise ValueError(f"task {self.task.name!r}: set task.labels or task.labels_file, not both")
+        names = (self.task.labels or (read_labels_file(self.task.labels_file) if self.task.labels_file else None)
+                 or self.raw.class_labels.get(self.task.label_field))
         if not names:
-            raise ValueError(f"task {self.task.name!r}: no label set; list it as task.labels or use a "
-                             f"source whose {self.task.label_field!r} column has ClassLabel names")
+            raise ValueError(f"task {self.task.name!r}: no label set; list it as task.labels or task.labels_file, "
+                             f"or use a source whose {self.task.label_field!r} column has ClassLabel names")
         names = [str(n) for n in names]
         if len(set(names)) != len(names):
             raise ValueError(f"task {self.task.name!r}: duplicate names in the label set")
@@ -107,6 +112,9 @@ class BuildContext:
 class TaskSpec:
     source_splits: tuple[str, ...]
     make_pools: Callable[[BuildContext], dict[str, list[dict]]]
+    # Reads the raw rows itself (the custom task: the user's files or Hub id) instead of the
+    # mirror/Hub path driven by `hub_id`, `mirror` and `data.source`.
+    read: Optional[Callable[[TaskConfig], RawData]] = None
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
@@ -145,3 +153,6 @@ def _dialogsum(ctx: BuildContext) -> dict[str, list[dict]]:
 TASKS.register("banking77")(TaskSpec(("train", "test"), _banking77))
 TASKS.register("bitext")(TaskSpec(("train",), _bitext))
 TASKS.register("dialogsum")(TaskSpec(("train", "validation", "test"), _dialogsum))
+
+# The user's own data (conf/task/custom.yaml); registered there to keep this module to the paper's tasks.
+from ptq_qlora.data import custom as _custom  # noqa: E402,F401

@@ -32,5 +32,10 @@ def paired_wilcoxon(scores_a: list[float], scores_b: list[float]) -> dict:
     }
     if result["n_nonzero"] == 0:
         return {**result, "statistic": 0.0, "p_value": 1.0, "note": "all differences are zero; p set to 1.0"}
-    test = wilcoxon(scores_a, scores_b, zero_method="wilcox", alternative="two-sided")
-    return {**result, "statistic": float(test.statistic), "p_value": float(test.pvalue)}
+    # Test the non-zero differences only, exactly while that is feasible: scipy picks its normal
+    # approximation from the count *including* zeros (n > 50), which calls 4 of 20 differing
+    # pairs significant (p 0.046 vs the exact 0.125).
+    nonzero = [d for d in differences if d != 0]
+    method = "exact" if len(nonzero) <= 50 else "approx"
+    test = wilcoxon(nonzero, alternative="two-sided", method=method)
+    return {**result, "statistic": float(test.statistic), "p_value": float(test.pvalue), "method": method}

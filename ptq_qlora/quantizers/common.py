@@ -23,7 +23,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def default_device_map() -> dict:
-    return {"": "cuda:0"} if torch.cuda.is_available() else {"": "cpu"}
+    """The whole model on this process's GPU (cuda:LOCAL_RANK: one replica per GPU under DDP)."""
+    from ptq_qlora.distributed import local_device
+
+    return {"": local_device()}
 
 
 def weight_files(folder: Path) -> list[Path]:

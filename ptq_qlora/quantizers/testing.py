@@ -8,36 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-def byte_level_tokenizer():
-    """256 byte tokens + <s>, </s>, <pad>: every string encodes, nothing is downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in ("<s>", "</s>", "<pad>"):
-        vocab[special] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def build_tiny_llama(out_dir: str | Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a 2-layer random LlamaForCausalLM (hidden 64, intermediate 128) and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = byte_level_tokenizer()
-    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    settings.update(config_overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings))
-    out_dir = Path(out_dir)
-    model.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    return out_dir
+from ptq_qlora.models.tiny import build_tiny_llama, byte_level_tokenizer  # noqa: F401  (re-exported for tests)
 
 
 def random_texts(n: int, seed: int = 0, length: int = 120) -> list[str]:

@@ -17,3 +17,118 @@ def format_table(results: dict[str, dict], metric_names: list[str], title: str |
     for label, metrics in results.items():
         lines.append("| " + " | ".join([label] + [_cell(metrics.get(m)) for m in metric_names]) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ the paper's Tables 2-3
+# Rows: model x point in this order (missing ones omitted; other bit widths / methods after them,
+# each PTQ point followed by its +QLoRA; base and other points last). Columns: per task its metrics.
+POINT_ORDER = ("SFT-16bit", "PTQ-BNB-4bit", "PTQ-BNB-4bit+QLoRA", "PTQ-GPTQ-4bit", "PTQ-GPTQ-4bit+QLoRA")
+TASK_ORDER = ("bitext", "banking77", "dialogsum")  # Table 3's column order
+COLUMNS = {
+    "classification": (("precision", "Precision"), ("recall", "Recall"), ("f1_micro", "F1-micro")),
+    "generation": (("rouge1", "R1"), ("rouge2", "R2"), ("rougeL", "RL"), ("rougeLsum", "RLsum"),
+                   ("alignscore", "AlScore")),
+}
+PRIMARY = {"classification": "f1_micro", "generation": "rougeL"}
+NOT_APPLICABLE = "n/a"  # a metric this evaluation did not compute (AlignScore unless present)
+NOT_EVALUATED = "-"  # this model/point was not evaluated on this task (empty in the CSV)
+_BOOKKEEPING = {"n", "n_examples", "n_unparsed"}
+
+
+def point_sort_key(label: str) -> tuple:
+    if label in POINT_ORDER:
+        return (0, POINT_ORDER.index(label), "", 0)
+    base = label.removesuffix("+QLoRA")
+    if label.startswith("PTQ-"):
+        return (1, 0, base, int(label.endswith("+QLoRA")))
+    return (2, 0, label, 0)
+
+
+def ordered_tasks(tasks, wanted=None) -> list[str]:
+    tasks = set(tasks)
+    if wanted:
+        return [t for t in wanted if t in tasks]
+    return [t for t in TASK_ORDER if t in tasks] + sorted(tasks - set(TASK_ORDER))
+
+
+def ordered_models(models, wanted=None) -> list[str]:
+    models = set(models)
+    if wanted:
+        return [m for m in wanted if m in models]
+    return sorted(models, key=lambda m: (m == "unknown", m))
+
+
+def display_name(model: str, label: str) -> str:
+    """The paper's row name: `Qwen2-7b + PTQ-BNB-4bit + QLoRA`."""
+    return f"{model} + {label.replace('+QLoRA', ' + QLoRA')}"
+
+
+class PaperTable:
+    """`columns`: (task, metric key, title); `rows`: (model, label, {(task, key): value}), where a
+    task the row was not evaluated on has no keys and a metric it lacks is None."""
+
+    def __init__(self, columns: list[tuple[str, str, str]], rows: list[tuple[str, str, dict]]):
+        self.columns, self.rows = columns, rows
+
+    @classmethod
+    def from_rows(cls, eval_rows, tasks=None, models=None) -> "PaperTable":
+        kinds: dict[str, str] = {}
+        extra_keys: dict[str, set] = {}
+        for r in eval_rows:
+            kinds.setdefault(r.task, r.kind)
+            extra_keys.setdefault(r.task, set()).update(k for k in r.metrics if k not in _BOOKKEEPING)
+        columns = []
+        for task in ordered_tasks(kinds, tasks):
+            spec = COLUMNS.get(kinds[task]) or tuple((k, k) for k in sorted(extra_keys[task]))
+            columns += [(task, key, title) for key, title in spec]
+        cells: dict[tuple[str, str], dict] = {}
+        for r in eval_rows:
+            row = cells.setdefault((r.model, r.label), {})
+            for task, key, _ in columns:
+                if task == r.task:
+                    row[(task, key)] = r.metrics.get(key)
+        order = {m: i for i, m in enumerate(ordered_models({m for m, _ in cells}, models))}
+        keys = sorted((k for k in cells if k[0] in order), key=lambda k: (order[k[0]], point_sort_key(k[1])))
+        return cls(columns, [(model, label, cells[(model, label)]) for model, label in keys])
+
+    def _cell(self, row: dict, task: str, key: str, digits: int) -> str:
+        if not any(t == task for t, _ in row):
+            return NOT_EVALUATED
+        value = row.get((task, key))
+        return NOT_APPLICABLE if value is None else f"{value:.{digits}f}"
+
+    def to_markdown(self, digits: int = 4) -> str:
+        header = ["Models", *(f"{task} {title}" for task, _, title in self.columns)]
+        lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * len(self.columns)) + " |"]
+        for model, label, row in self.rows:
+            cells = [self._cell(row, task, key, digits) for task, key, _ in self.columns]
+            lines.append("| " + " | ".join([display_name(model, label), *cells]) + " |")
+        return "\n".join(lines)
+
+    def records(self) -> list[dict]:
+        """One dict per row: model, point, `<task>/<metric>` (float, "n/a", or "" if not evaluated)."""
+        out = []
+        for model, label, row in self.rows:
+            record = {"model": model, "point": label}
+            for task, key, _ in self.columns:
+                evaluated = any(t == task for t, _ in row)
+                value = row.get((task, key))
+                record[f"{task}/{key}"] = "" if not evaluated else (NOT_APPLICABLE if value is None else value)
+            out.append(record)
+        return out
+
+    def to_csv(self) -> str:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=["model", "point", *(f"{t}/{k}" for t, k, _ in self.columns)],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.records())
+        return buffer.getvalue()
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.records())

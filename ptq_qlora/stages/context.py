@@ -21,9 +21,17 @@ class JobContext:
     tracker: Optional[Any] = None  # experiment logger (None: logging off)
     results: dict = field(default_factory=dict)
 
-    def log_metrics(self, metrics: dict, prefix: str) -> None:
+    def log_metrics(self, metrics: dict, prefix: str, reused: bool = False) -> None:
         if self.tracker is not None:
-            self.tracker.log_metrics(metrics, prefix=prefix)
+            self.tracker.log_metrics(metrics, prefix=prefix, reused=reused)
+
+    def log_predictions(self, point: str, rows, reused: bool = False) -> None:
+        if self.tracker is not None:
+            self.tracker.log_predictions(point, rows, reused=reused)
+
+    def log_stage_artifact(self, kind: str, lineage: str, path, parents=(), reused: bool = False) -> None:
+        if self.tracker is not None:
+            self.tracker.log_stage_artifact(kind, lineage, path, parents=parents, reused=reused)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
+from ptq_qlora import distributed
 from ptq_qlora.generation import generate_batched
 from ptq_qlora.metrics import compute_metrics
 from ptq_qlora.models.prompting import completion_suffix, render_prompt
@@ -25,6 +27,7 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
     found = None if cfg.force else ctx.store.find("eval", lineage)
     if found:
         log.info("evaluation of %s reused from %s", ref.label, found.path)
+        _track(ctx, ref, lineage, found.path, found.metrics, reused=True)
         return found.metrics
 
     split = getattr(ctx.data, cfg.eval.split)
@@ -32,6 +35,8 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
     batch_size = cfg.eval.batch_size or cfg.hardware.eval_batch_size
     with ctx.store.writing("eval", lineage, {"model": ref.to_json()}, force=cfg.force) as out:
         model, tokenizer = load_for_inference(cfg, ref)
+        if cfg.hardware.device == "cuda" and not ref.quantized:  # 4-bit loads are placed by device_map
+            model.to(distributed.local_device())
         prompts = [render_prompt(tokenizer, cfg.model, p) for p in split["prompt"]]
         # chat models whose turn end differs from eos must still stop at the turn end
         suffix = completion_suffix(tokenizer, cfg.model)
@@ -39,27 +44,43 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
         started = time.time()
         # 4-bit bases on CPU must not see inference_mode (their LoRA gradients go wrong later
         # in the same process); no_grad is as fast for generation.
-        predictions = generate_batched(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        # Several GPUs: each rank generates its contiguous shard, all shards are gathered in order.
+        predictions = distributed.shard_and_gather(prompts, lambda shard: generate_batched(
+            model, tokenizer, shard, max_new_tokens=max_new_tokens, batch_size=batch_size,
             inference_mode=not ref.quantized, stop_strings=stop, desc=f"eval {ref.label}",
-        )
+        ))
         seconds = time.time() - started
-        references = list(split["reference"])
-        summary, per_example = compute_metrics(ctx.data.kind, predictions, references, ctx.data.labels)
-        with open(out / "predictions.jsonl", "w") as f:
-            for row_id, pred, gold, scores in zip(split["id"], predictions, references, per_example):
-                f.write(json.dumps({"id": row_id, "prediction": pred, "reference": gold, **scores}) + "\n")
-        metrics = {
-            **summary,
-            "model": ref.to_json(),
-            "task": cfg.task.name,
-            "split": cfg.eval.split,
-            "n_examples": len(split),
-            "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-            "eval_seconds": seconds,
-            "examples_per_second": len(split) / seconds if seconds else None,
-            **provenance(cfg),
-        }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    ctx.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))}, prefix=f"eval/{ref.point}")
+        metrics = summary = None
+        if distributed.is_main_process():  # rank 0 scores and writes; the others get its metrics
+            references = list(split["reference"])
+            summary, per_example = compute_metrics(ctx.data.kind, predictions, references, ctx.data.labels)
+            with open(out / "predictions.jsonl", "w") as f:
+                for row_id, pred, gold, scores in zip(split["id"], predictions, references, per_example):
+                    f.write(json.dumps({"id": row_id, "prediction": pred, "reference": gold, **scores}) + "\n")
+            metrics = {
+                **summary,
+                "model": ref.to_json(),
+                "task": cfg.task.name,
+                "split": cfg.eval.split,
+                "n_examples": len(split),
+                "generation": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+                "eval_seconds": seconds,
+                "examples_per_second": len(split) / seconds if seconds else None,
+                "processes": distributed.world_size(),
+                **provenance(cfg),
+            }
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        summary, metrics = distributed.broadcast_object((summary, metrics))
+    _track(ctx, ref, lineage, ctx.store.final_dir("eval", lineage), metrics, reused=False)
     return metrics
+
+
+def _track(ctx: JobContext, ref: ModelRef, lineage: str, folder, metrics: dict, reused: bool) -> None:
+    """Metrics (the record's scalars but the seed), the per-example predictions table and the
+    eval folder as an artifact."""
+    if ctx.tracker is None:
+        return
+    ctx.log_metrics({k: v for k, v in metrics.items() if k != "seed"}, prefix=f"eval/{ref.point}", reused=reused)
+    with open(Path(folder) / "predictions.jsonl") as f:
+        ctx.log_predictions(ref.point, [json.loads(line) for line in f if line.strip()], reused=reused)
+    ctx.log_stage_artifact("eval", lineage, folder, parents=[ref], reused=reused)

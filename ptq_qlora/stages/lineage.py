@@ -42,7 +42,10 @@ def _training_context(cfg) -> dict:
         "seed": cfg.seed,
         "dtype": cfg.hardware.dtype,
         "train_dtype": cfg.hardware.train_dtype,
-        "effective_batch": cfg.hardware.train_batch_size * cfg.hardware.grad_accum,
+        # per-GPU batch x accumulation x GPUs (a two-GPU profile with half the accumulation of a
+        # one-GPU one trains the same recipe, and shares its lineage)
+        "effective_batch": cfg.hardware.train_batch_size * cfg.hardware.grad_accum
+        * cfg.hardware.get("num_processes", 1) * cfg.hardware.get("num_machines", 1),
     }
 
 

@@ -35,6 +35,8 @@ def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
     found = None if cfg.force else ctx.store.find("ptq", lineage)
     if found:
         log.info("PTQ reused from %s", found.path)
+        ctx.log_metrics(found.metrics, prefix="ptq", reused=True)
+        ctx.log_stage_artifact("ptq", lineage, found.path, parents=[parent], reused=True)
         return ref_from_stage_folder(found)
 
     tokenizer = load_tokenizer(parent.model_path)
@@ -46,4 +48,5 @@ def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
         (out / "metrics.json").write_text(json.dumps(stats, indent=2, default=str))
         save_ref(out, ModelRef("ptq", qcfg.label, lineage, "model", quantizer=qplain))
     ctx.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}, prefix="ptq")
+    ctx.log_stage_artifact("ptq", lineage, ctx.store.final_dir("ptq", lineage), parents=[parent])
     return ref_from_stage_folder(ctx.store.find("ptq", lineage))

@@ -29,6 +29,8 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
     found = None if cfg.force else ctx.store.find("qlora", lineage)
     if found:
         log.info("QLoRA reused from %s", found.path)
+        ctx.log_metrics(found.metrics, prefix="qlora/train", reused=True)
+        ctx.log_stage_artifact("qlora", lineage, found.path, parents=[parent], reused=True)
         return ref_from_stage_folder(found)
 
     settings = train_settings(cfg, "qlora")
@@ -47,14 +49,14 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
             report_to=ctx.tracker.report_to if ctx.tracker else "none",
             max_length=cfg.data.max_input_tokens + cfg.data.max_output_tokens,
-            run_name=f"qlora-{lineage}",
+            run_name=f"qlora-{lineage}", save_dir=out / "adapter",  # rank 0 writes it when data-parallel
         )
         metrics.update(counts)
-        model.save_pretrained(out / "adapter")
         ctx.store.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         base_rel = os.path.relpath(parent.model_path, ctx.store.final_dir("qlora", lineage))
         save_ref(out, ModelRef("qlora", f"{parent.label}+QLoRA", lineage, base_rel,
                                quantizer=parent.quantizer, adapter_path="adapter"))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, prefix="qlora/train")
+    ctx.log_stage_artifact("qlora", lineage, ctx.store.final_dir("qlora", lineage), parents=[parent])
     return ref_from_stage_folder(ctx.store.find("qlora", lineage))

@@ -23,6 +23,8 @@ def run_sft(ctx: JobContext, parent: ModelRef) -> ModelRef:
     found = None if cfg.force else ctx.store.find("sft", lineage)
     if found:
         log.info("SFT reused from %s", found.path)
+        ctx.log_metrics(found.metrics, prefix="sft/train", reused=True)
+        ctx.log_stage_artifact("sft", lineage, found.path, parents=[parent], reused=True)
         return ref_from_stage_folder(found)
 
     settings = train_settings(cfg, "sft")
@@ -39,14 +41,14 @@ def run_sft(ctx: JobContext, parent: ModelRef) -> ModelRef:
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
             report_to=ctx.tracker.report_to if ctx.tracker else "none",
             max_length=cfg.data.max_input_tokens + cfg.data.max_output_tokens,
-            run_name=f"sft-{lineage}",
+            run_name=f"sft-{lineage}", save_dir=out / "model",  # gathered into one folder under FSDP
         )
         metrics["trainable_parameters"] = trainable
-        model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         RunStore.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         ref = ModelRef("sft", "SFT-16bit", lineage, "model")
         save_ref(out, ref)
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, prefix="sft/train")
+    ctx.log_stage_artifact("sft", lineage, ctx.store.final_dir("sft", lineage), parents=[parent])
     return ref_from_stage_folder(ctx.store.find("sft", lineage))

@@ -1,0 +1,284 @@
+"""Several GPUs without GPUs: launch settings compose for every hardware profile, and the multi-process
+plumbing (rank-0 tracking, one run folder for all ranks, rank-0 run-store marker, sharded eval
+gathering) is exercised by real process groups of 2 on CPU (gloo), and once through torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ptq_qlora import distributed
+from ptq_qlora.config import CONF_DIR, setup
+from ptq_qlora.training import trainer_arguments
+
+setup()
+ROOT = CONF_DIR.parent
+PROFILES = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+TRAIN = {"lr": 1e-4, "scheduler": "cosine", "epochs": 1, "max_steps": -1, "warmup": 0, "weight_decay": 0.0,
+         "max_grad_norm": 1.0, "optim": "adamw_torch", "logging_steps": 1, "save_steps": 50,
+         "save_total_limit": 1, "group_by_length": True}
+
+
+def hardware(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hardware={name}", *overrides])
+    return cfg.hardware
+
+
+@contextmanager
+def launch_env(world: int, rank: int = 0):
+    """The environment torchrun gives one worker (without starting a process group)."""
+    keys = ("LOCAL_RANK", "RANK", "WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ----------------------------------------------------------------------------- launch settings
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_launch_config_composes_for_every_hardware_profile(name):
+    hw = hardware(name)
+    plain = OmegaConf.to_container(hw, resolve=True)
+    assert plain["distributed"] in distributed.STRATEGIES and plain["qlora_distributed"] in distributed.STRATEGIES
+    with launch_env(hw.num_processes * hw.num_machines):
+        distributed.check_world_size(hw)
+        for peft in (False, True):
+            args = trainer_arguments(TRAIN, hw, "/tmp/unused", seed=0, peft=peft)
+            strategy = distributed.strategy_for(hw, peft=peft)
+            assert strategy == (hw.qlora_distributed if peft else hw.distributed)
+            assert ("fsdp" in args) == (strategy == "fsdp")
+            if strategy == "fsdp":
+                _check_fsdp_args(args, hw, peft)
+            if strategy == "ddp":
+                assert args["ddp_find_unused_parameters"] is False
+    command = distributed.launch_command(hw)
+    assert f"hardware={name}" in command
+    assert ("--nproc_per_node" in command) == (hw.num_processes > 1)
+
+
+def _check_fsdp_args(args: dict, hw, peft: bool) -> None:
+    """What Transformers and Accelerate make of the arguments: FSDP2, full shard, sharded
+    checkpoints, FSDP's own activation checkpointing (never both kinds), bf16 mixed precision."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    holder = SimpleNamespace(fsdp=args["fsdp"], fsdp_config=dict(args["fsdp_config"]),
+                             activation_checkpointing=args["activation_checkpointing"],
+                             _apply_legacy_fsdp_to_config=TrainingArguments._apply_legacy_fsdp_to_config)
+    plugin = FullyShardedDataParallelPlugin(**TrainingArguments._process_fsdp_args(holder))
+    assert plugin.fsdp_version == hw.fsdp_version == 2
+    assert plugin.reshard_after_forward is True  # full shard
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    assert plugin.activation_checkpointing == (hw.gradient_checkpointing and not peft)
+    assert not (plugin.activation_checkpointing and args["activation_checkpointing"])
+    assert args["bf16"] is (hw.dtype == "bfloat16")
+
+
+def test_multi_gpu_profiles_keep_the_one_gpu_recipe_and_lineage():
+    from ptq_qlora.stages.lineage import sft_lineage
+
+    def effective(hw):
+        return hw.train_batch_size * hw.grad_accum * hw.num_processes * hw.num_machines
+
+    assert effective(hardware("h200x2")) == effective(hardware("h200")) == effective(hardware("a100x8"))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        one = compose(config_name="config", overrides=["hardware=h100"])
+        two = compose(config_name="config", overrides=["hardware=h100x2"])
+    assert sft_lineage(one, "base") == sft_lineage(two, "base")
+
+
+def test_a_launch_that_does_not_match_the_profile_fails():
+    with launch_env(4), pytest.raises(ValueError, match="written for 2 process"):
+        distributed.check_world_size(hardware("h200x2"))
+    distributed.check_world_size(hardware("h200x2"))  # not launched: nothing to check
+
+
+def test_not_launched_keeps_the_single_process_arguments():
+    args = trainer_arguments(TRAIN, hardware("h200x2"), "/tmp/unused", seed=0)
+    assert "fsdp" not in args and args["activation_checkpointing"] is True
+    assert distributed.strategy_for(hardware("h200x2")) == "none"
+
+
+def test_shards_cover_everything_once_in_order():
+    for n in (0, 1, 5, 16, 17):
+        for shards in (1, 2, 3, 8):
+            parts = [distributed.shard_indices(n, shards, i) for i in range(shards)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# ----------------------------------------------------------------------------- process groups of 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, tmp_path: Path, *args, world: int = 2) -> list[dict]:
+    """Run fn(rank, world, tmp, *args) in `world` CPU processes; each returns a JSON-able dict."""
+    port = _free_port()
+    mp.spawn(_entry, args=(world, port, fn, str(tmp_path), args), nprocs=world, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _entry(rank: int, world: int, port: int, fn, tmp: str, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), WANDB_MODE="disabled")
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ.pop(distributed.ENV_RUN_ID, None)
+    result = fn(rank, world, Path(tmp), *args)
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _tracking_worker(rank, world, tmp):
+    import logging
+
+    import ptq_qlora.tracking as tracking
+
+    started = []
+
+    @contextmanager
+    def fake_tracker_for(cfg):
+        started.append(rank)
+        yield f"tracker-of-rank-{rank}"
+
+    tracking.tracker_for = fake_tracker_for
+    with distributed.main_process_tracker(SimpleNamespace()) as tracker:
+        pass
+    distributed.quiet_other_ranks()
+    return {"tracker": tracker, "started": started, "root_level": logging.getLogger().level}
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    results = _spawn(_tracking_worker, tmp_path)
+    assert results[0]["tracker"] == "tracker-of-rank-0" and results[0]["started"] == [0]
+    assert results[1]["tracker"] is None and results[1]["started"] == []  # no W&B run, Trainer reports to none
+    assert results[1]["root_level"] >= 30  # other ranks log warnings only
+
+
+def _stamp_worker(rank, world, tmp, use_group):
+    import torch.distributed as dist
+
+    if use_group:
+        dist.init_process_group("gloo")
+    if rank == 1:
+        time.sleep(1.5)  # a later clock on rank 1 must not change the folder
+    return {"stamp": distributed.run_stamp("%Y-%m-%d_%H-%M-%S.%f"), "again": distributed.run_stamp("%Y-%m-%d_%H-%M-%S.%f")}
+
+
+@pytest.mark.parametrize("use_group", [False, True], ids=["before-the-process-group", "in-a-gloo-group"])
+def test_all_ranks_agree_on_the_run_folder(tmp_path, use_group):
+    results = _spawn(_stamp_worker, tmp_path, use_group)
+    assert results[0]["stamp"] == results[1]["stamp"] == results[0]["again"] == results[1]["again"]
+
+
+def test_run_id_from_the_launcher_environment(monkeypatch):
+    monkeypatch.setenv(distributed.ENV_RUN_ID, "my-run")
+    assert distributed.run_stamp("%Y") == "my-run"
+
+
+def _store_worker(rank, world, tmp):
+    from ptq_qlora.runstore import RunStore
+
+    store = RunStore(tmp / "runs")
+    with store.writing("sft", "abc123", {"who": rank}) as out:
+        if rank == 1:
+            time.sleep(1.0)  # rank 0 must wait for this rank's part before marking the stage
+        (out / f"part{rank}.txt").write_text(str(rank))
+    final = store.final_dir("sft", "abc123")
+    return {"out": str(out), "after": sorted(p.name for p in final.iterdir()),
+            "meta_who": json.loads((final / "stage.json").read_text())["who"],
+            "found": store.find("sft", "abc123") is not None}
+
+
+def test_run_store_all_ranks_write_rank_zero_marks(tmp_path):
+    results = _spawn(_store_worker, tmp_path)
+    assert results[0]["out"] == results[1]["out"]  # one partial folder for all ranks
+    for r in results:
+        assert r["after"] == ["completed", "part0.txt", "part1.txt", "stage.json"]
+        assert r["found"]  # every rank sees the finished stage when `writing` returns
+        assert r["meta_who"] == 0  # rank 0 wrote the record
+    assert not list((tmp_path / "runs").glob(".partial-*"))
+
+
+def _eval_shard_worker(rank, world, tmp):
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return [p.upper() for p in prompts]
+
+    prompts = [f"p{i}" for i in range(7)]
+    return {"seen": seen, "all": distributed.shard_and_gather(prompts, generate),
+            "metrics": distributed.broadcast_object({"f1": 0.5} if rank == 0 else None)}
+
+
+def test_evaluation_is_sharded_and_gathered_in_order(tmp_path):
+    results = _spawn(_eval_shard_worker, tmp_path)
+    assert results[0]["seen"] == ["p0", "p1", "p2", "p3"] and results[1]["seen"] == ["p4", "p5", "p6"]
+    for r in results:
+        assert r["all"] == [f"P{i}" for i in range(7)]
+        assert r["metrics"] == {"f1": 0.5}
+
+
+# ----------------------------------------------------------------------------- through torchrun
+
+
+HYDRA_APP = textwrap.dedent("""
+    import os, hydra
+    from hydra.core.hydra_config import HydraConfig
+    from ptq_qlora.config import CONF_DIR, setup
+    setup()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def main(cfg):
+        with open(os.path.join(os.environ["STAMP_DIR"], "rank" + os.environ["RANK"]), "w") as f:
+            f.write(HydraConfig.get().runtime.output_dir + "\\n" + cfg.paths.output_dir)
+
+    main()
+""")
+
+
+def test_torchrun_workers_share_the_hydra_output_folder(tmp_path):
+    """The real launcher (its agent store) and the real conf/config.yaml `hydra.run.dir`."""
+    app = tmp_path / "app.py"
+    app.write_text(HYDRA_APP)
+    env = {**os.environ, "STAMP_DIR": str(tmp_path), "PTQ_QLORA_ROOT": str(tmp_path / "root"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop(distributed.ENV_RUN_ID, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(app), "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dirs = [(tmp_path / f"rank{r}").read_text().splitlines() for r in range(2)]
+    assert dirs[0] == dirs[1]
+    assert dirs[0][0] == dirs[0][1] and dirs[0][0].startswith(str(tmp_path / "root" / "outputs"))
+    assert len(list((tmp_path / "root" / "outputs" / "default").iterdir())) == 1
