@@ -18,6 +18,7 @@ the Trainer), never our own:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -31,6 +32,8 @@ ENV_RUN_ID = "PTQ_QLORA_RUN_ID"
 STRATEGIES = ("none", "ddp", "fsdp")
 STORE_TIMEOUT_S = 300
 _STAMPS: dict[str, str] = {}
+_STORE = None  # the launcher's TCP store, once opened
+_ALONE = False  # inside main_process_only: this process acts as a world of one
 
 
 # ----------------------------------------------------------------------------- who am I
@@ -50,12 +53,16 @@ def _initialized() -> bool:
 
 
 def world_size() -> int:
+    if _ALONE:
+        return 1
     if _initialized():
         return _dist().get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
+    if _ALONE:
+        return 0
     if _initialized():
         return _dist().get_rank()
     return int(os.environ.get("RANK", "0"))
@@ -155,6 +162,30 @@ def shard_and_gather(items: Sequence, work) -> list:
 # ----------------------------------------------------------------------------- rank-0 side effects
 
 
+def main_process_only(fn):
+    """`fn` runs on rank 0 alone, as a one-process job (its run-store barriers and collectives are
+    skipped), while the other ranks wait; every rank returns rank 0's result. For the steps that are
+    single-GPU work by nature, e.g. post-training quantization. If rank 0 fails, the launcher stops
+    the others."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _ALONE
+        if not is_distributed():
+            return fn(*args, **kwargs)
+        ensure_process_group()
+        result = None
+        if is_main_process():
+            _ALONE = True
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                _ALONE = False
+        return broadcast_object(result)
+
+    return wrapper
+
+
 @contextmanager
 def main_process_tracker(cfg) -> Iterator[Any]:
     """The job's experiment tracker on rank 0 (ptq_qlora.tracking.tracker_for); None elsewhere, so
@@ -207,7 +238,10 @@ def run_stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
 
 
 def _shared_stamp(fmt: str) -> str:
-    store = _launcher_store()
+    global _STORE
+    # kept for the life of the process: a store that rank 0 hosts is the one init_process_group
+    # reuses later (multi-tenant); closing it would leave the other ranks talking to a dead server
+    store = _STORE = _STORE or _launcher_store()
     key = f"ptq_qlora/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', 'env')}/{fmt}"
     if is_main_process():
         # compare_set keeps the first value: a restarted group keeps its folder

@@ -165,7 +165,7 @@ def train_causal_lm(
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = trainer.state.num_input_tokens_seen  # all ranks together
     gpus = trainer.accelerator.num_processes
-    return {
+    metrics = {
         "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else math.nan,
         "last_logged_loss": losses[-1] if losses else math.nan,
@@ -180,3 +180,5 @@ def train_causal_lm(
         "distributed": distributed.strategy_for(hardware, peft=peft),
         "resumed_from": resume,
     }
+    # rank 0's numbers everywhere: every rank then writes the same metrics.json into the shared folder
+    return distributed.broadcast_object(metrics)

@@ -100,7 +100,7 @@ def test_same_seed_same_rows_other_seed_other_rows():
 @needs_mirrors
 def test_cpu_caps_are_subsets_of_the_paper_splits(paper):
     capped = load_task_data(task_cfg("banking77"), data_cfg("cpu"))
-    assert capped.stats["task_rows"] == {"train": 320, "dev": 64, "test": 100}
+    assert capped.stats["task_rows"] == {"train": 160, "dev": 32, "test": 100}
     full = paper["banking77"]
     for split in ("train", "dev"):
         assert {r["id"] for r in task_rows(getattr(capped, split))} <= set(ids(getattr(full, split)))
@@ -155,7 +155,7 @@ def test_general_rows_only_in_train_and_dev_at_the_ratio(paper, name):
 @needs_mirrors
 def test_general_mix_switches():
     no_dev = load_task_data(task_cfg("bitext"), data_cfg("cpu", general_in_dev=False))
-    assert no_dev.stats["general_rows"] == {"train": 32, "dev": 0, "test": 0}
+    assert no_dev.stats["general_rows"] == {"train": round(0.1 * 160), "dev": 0, "test": 0}
     none = load_task_data(task_cfg("bitext"), data_cfg("cpu", general_mix_ratio=0.0))
     assert none.stats["general_rows"] == {"train": 0, "dev": 0, "test": 0} and none.stats["general_source"] is None
 
@@ -349,7 +349,7 @@ def test_yaml_configs_match_the_schema():
         assert cfg.metrics == (["rouge1", "rouge2", "rougeL", "rougeLsum"] if name == "dialogsum"
                                else ["precision", "recall", "f1_micro"])
     cpu, paper_ = data_cfg("cpu"), data_cfg("paper")
-    assert (cpu.name, cpu.max_train, cpu.max_dev, cpu.max_test) == ("cpu", 320, 64, 100)
+    assert (cpu.name, cpu.max_train, cpu.max_dev, cpu.max_test) == ("cpu", 160, 32, 100)
     assert (paper_.name, paper_.max_train, paper_.max_dev, paper_.max_test) == ("paper", None, None, None)
 
 

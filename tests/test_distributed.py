@@ -158,11 +158,23 @@ def _entry(rank: int, world: int, port: int, fn, tmp: str, args) -> None:
         dist.destroy_process_group()
 
 
-def _tracking_worker(rank, world, tmp):
+def _session_worker(rank, world, tmp):
+    """One 2-process session (processes are slow to start): every check below runs in it, in order."""
     import logging
 
-    import ptq_qlora.tracking as tracking
+    import torch.distributed as dist
 
+    import ptq_qlora.tracking as tracking
+    from ptq_qlora.runstore import RunStore
+
+    out: dict = {}
+    # 1. the run folder before any process group exists (Hydra resolves it first): rank 0's clock
+    #    through a TCP store on MASTER_PORT, even though rank 1 looks at its clock later
+    if rank == 1:
+        time.sleep(1.5)
+    out["stamp_env"] = [distributed.run_stamp("%H-%M-%S.%f"), distributed.run_stamp("%H-%M-%S.%f")]
+
+    # 2. tracking on rank 0 only; the others log warnings only
     started = []
 
     @contextmanager
@@ -174,62 +186,25 @@ def _tracking_worker(rank, world, tmp):
     with distributed.main_process_tracker(SimpleNamespace()) as tracker:
         pass
     distributed.quiet_other_ranks()
-    return {"tracker": tracker, "started": started, "root_level": logging.getLogger().level}
+    out.update(tracker=tracker, started=started, root_level=logging.getLogger().level)
 
-
-def test_only_rank_zero_tracks(tmp_path):
-    results = _spawn(_tracking_worker, tmp_path)
-    assert results[0]["tracker"] == "tracker-of-rank-0" and results[0]["started"] == [0]
-    assert results[1]["tracker"] is None and results[1]["started"] == []  # no W&B run, Trainer reports to none
-    assert results[1]["root_level"] >= 30  # other ranks log warnings only
-
-
-def _stamp_worker(rank, world, tmp, use_group):
-    import torch.distributed as dist
-
-    if use_group:
-        dist.init_process_group("gloo")
-    if rank == 1:
-        time.sleep(1.5)  # a later clock on rank 1 must not change the folder
-    return {"stamp": distributed.run_stamp("%Y-%m-%d_%H-%M-%S.%f"), "again": distributed.run_stamp("%Y-%m-%d_%H-%M-%S.%f")}
-
-
-@pytest.mark.parametrize("use_group", [False, True], ids=["before-the-process-group", "in-a-gloo-group"])
-def test_all_ranks_agree_on_the_run_folder(tmp_path, use_group):
-    results = _spawn(_stamp_worker, tmp_path, use_group)
-    assert results[0]["stamp"] == results[1]["stamp"] == results[0]["again"] == results[1]["again"]
-
-
-def test_run_id_from_the_launcher_environment(monkeypatch):
-    monkeypatch.setenv(distributed.ENV_RUN_ID, "my-run")
-    assert distributed.run_stamp("%Y") == "my-run"
-
-
-def _store_worker(rank, world, tmp):
-    from ptq_qlora.runstore import RunStore
-
+    # 3. the run store starts the (gloo) group lazily; all ranks write, rank 0 marks and renames
     store = RunStore(tmp / "runs")
-    with store.writing("sft", "abc123", {"who": rank}) as out:
+    with store.writing("sft", "abc123", {"who": rank}) as folder:
         if rank == 1:
             time.sleep(1.0)  # rank 0 must wait for this rank's part before marking the stage
-        (out / f"part{rank}.txt").write_text(str(rank))
+        (folder / f"part{rank}.txt").write_text(str(rank))
     final = store.final_dir("sft", "abc123")
-    return {"out": str(out), "after": sorted(p.name for p in final.iterdir()),
-            "meta_who": json.loads((final / "stage.json").read_text())["who"],
-            "found": store.find("sft", "abc123") is not None}
+    out.update(partial=str(folder), after=sorted(p.name for p in final.iterdir()),
+               meta_who=json.loads((final / "stage.json").read_text())["who"],
+               found=store.find("sft", "abc123") is not None, group=dist.is_initialized())
 
+    # 4. inside a process group the stamp is rank 0's, broadcast
+    if rank == 1:
+        time.sleep(1.0)
+    out["stamp_group"] = distributed.run_stamp("%M-%S.%f")
 
-def test_run_store_all_ranks_write_rank_zero_marks(tmp_path):
-    results = _spawn(_store_worker, tmp_path)
-    assert results[0]["out"] == results[1]["out"]  # one partial folder for all ranks
-    for r in results:
-        assert r["after"] == ["completed", "part0.txt", "part1.txt", "stage.json"]
-        assert r["found"]  # every rank sees the finished stage when `writing` returns
-        assert r["meta_who"] == 0  # rank 0 wrote the record
-    assert not list((tmp_path / "runs").glob(".partial-*"))
-
-
-def _eval_shard_worker(rank, world, tmp):
+    # 5. evaluation: each rank generates its shard, all get every result in order, rank 0's metrics
     seen = []
 
     def generate(prompts):
@@ -237,12 +212,62 @@ def _eval_shard_worker(rank, world, tmp):
         return [p.upper() for p in prompts]
 
     prompts = [f"p{i}" for i in range(7)]
-    return {"seen": seen, "all": distributed.shard_and_gather(prompts, generate),
-            "metrics": distributed.broadcast_object({"f1": 0.5} if rank == 0 else None)}
+    out.update(seen=seen, all=distributed.shard_and_gather(prompts, generate),
+               metrics=distributed.broadcast_object({"f1": 0.5} if rank == 0 else None))
+
+    # 6. a one-GPU step (quantization) on rank 0 alone: its own run-store barriers must not wait
+    #    for the others, which get its result
+    ran = []
+
+    def quantize():
+        ran.append(rank)
+        with store.writing("ptq", "def456", {}) as folder:
+            (folder / "weights").write_text("4-bit")
+        return {"world_inside": distributed.world_size(), "path": str(store.final_dir("ptq", "def456"))}
+
+    out.update(single=distributed.main_process_only(quantize)(), single_ran=ran,
+               single_found=store.find("ptq", "def456") is not None)
+    return out
 
 
-def test_evaluation_is_sharded_and_gathered_in_order(tmp_path):
-    results = _spawn(_eval_shard_worker, tmp_path)
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pg")
+    return tmp, _spawn(_session_worker, tmp)
+
+
+def test_only_rank_zero_tracks(session):
+    _, results = session
+    assert results[0]["tracker"] == "tracker-of-rank-0" and results[0]["started"] == [0]
+    assert results[1]["tracker"] is None and results[1]["started"] == []  # no W&B run, Trainer reports to none
+    assert results[1]["root_level"] >= 30  # other ranks log warnings only
+
+
+def test_all_ranks_agree_on_the_run_folder(session):
+    _, results = session
+    for key in ("stamp_env",):
+        assert results[0][key][0] == results[1][key][0] == results[0][key][1] == results[1][key][1]
+    assert results[0]["stamp_group"] == results[1]["stamp_group"]
+
+
+def test_run_id_from_the_launcher_environment(monkeypatch):
+    monkeypatch.setenv(distributed.ENV_RUN_ID, "my-run")
+    assert distributed.run_stamp("%Y") == "my-run"
+
+
+def test_run_store_all_ranks_write_rank_zero_marks(session):
+    tmp, results = session
+    assert results[0]["partial"] == results[1]["partial"]  # one partial folder for all ranks
+    for r in results:
+        assert r["after"] == ["completed", "part0.txt", "part1.txt", "stage.json"]
+        assert r["found"]  # every rank sees the finished stage when `writing` returns
+        assert r["meta_who"] == 0  # rank 0 wrote the record
+        assert r["group"]  # the store started the process group itself
+    assert not list((tmp / "runs").glob(".partial-*"))
+
+
+def test_evaluation_is_sharded_and_gathered_in_order(session):
+    _, results = session
     assert results[0]["seen"] == ["p0", "p1", "p2", "p3"] and results[1]["seen"] == ["p4", "p5", "p6"]
     for r in results:
         assert r["all"] == [f"P{i}" for i in range(7)]
@@ -282,3 +307,11 @@ def test_torchrun_workers_share_the_hydra_output_folder(tmp_path):
     assert dirs[0] == dirs[1]
     assert dirs[0][0] == dirs[0][1] and dirs[0][0].startswith(str(tmp_path / "root" / "outputs"))
     assert len(list((tmp_path / "root" / "outputs" / "default").iterdir())) == 1
+
+
+def test_one_gpu_steps_run_on_rank_zero_alone(session):
+    _, results = session
+    assert results[0]["single_ran"] == [0] and results[1]["single_ran"] == []
+    for r in results:
+        assert r["single"]["world_inside"] == 1 and r["single_found"]
+        assert r["single"] == results[0]["single"]

@@ -17,9 +17,14 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
 
 
+def _set_values(node: dict) -> dict:
+    # unset (None) settings are left out, so adding an optional config field keeps old lineages
+    return {k: v for k, v in node.items() if v is not None}
+
+
 def data_identity(cfg) -> dict:
     data = {k: v for k, v in _plain(cfg.data).items() if k not in _DATA_LOCATION_KEYS}
-    return {"task": _plain(cfg.task), "data": data}
+    return {"task": _set_values(_plain(cfg.task)), "data": _set_values(data)}
 
 
 def prompt_identity(cfg) -> dict:

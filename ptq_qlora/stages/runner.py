@@ -24,11 +24,13 @@ CHAIN = ("sft", "ptq", "qlora")
 
 def _step_functions():
     # imported lazily: the PTQ/QLoRA stages pull in quantization libraries
+    from ptq_qlora.distributed import main_process_only
     from ptq_qlora.stages.ptq import run_ptq
     from ptq_qlora.stages.qlora import run_qlora
     from ptq_qlora.stages.sft import run_sft
 
-    return {"sft": run_sft, "ptq": run_ptq, "qlora": run_qlora}
+    # quantization is one-GPU work: under a multi-GPU launch rank 0 does it, the others wait for it
+    return {"sft": run_sft, "ptq": main_process_only(run_ptq), "qlora": run_qlora}
 
 
 def start_ref(cfg) -> ModelRef:
