@@ -83,6 +83,9 @@ class RunStore:
         if main:
             self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / f".lock-{kind}-{lineage}")) if main else nullcontext():
+            # another job may have completed this lineage while we waited for the lock: its
+            # folder may be in use, so without force it is kept and our copy is dropped
+            done_meanwhile = main and not force and (final / COMPLETED).exists()
             if main:
                 if force and final.exists():
                     log.info("force=true: redoing %s", final.name)
@@ -93,7 +96,10 @@ class RunStore:
             distributed.barrier()
             yield partial
             distributed.barrier()
-            if main:
+            if done_meanwhile:
+                log.warning("%s was completed by another job meanwhile; keeping that one", final.name)
+                shutil.rmtree(partial)
+            elif main:
                 meta = {**meta, "kind": kind, "lineage": lineage, "finished_at": time.time()}
                 (partial / META).write_text(json.dumps(meta, indent=2, default=str))
                 (partial / COMPLETED).write_text("")

@@ -227,12 +227,12 @@ def test_exact_p_agrees_with_scipy():
             assert exact_wilcoxon_p(tied) == pytest.approx(wilcoxon(tied).pvalue)
 
 
-def test_normal_approximation_with_few_nonzero_pairs_is_corrected():
-    # 4 of 20 pairs differ: scipy's normal approximation says p ~ 0.046; the exact p is 2/2**4
+def test_few_nonzero_pairs_get_the_exact_p():
+    # 4 of 20 pairs differ: scipy's normal approximation over all 20 pairs would say p ~ 0.046;
+    # paired_wilcoxon tests the non-zero differences exactly, and p_exact (enumeration) agrees
     result = wilcoxon_summary([1] * 4 + [0] * 16, [0] * 20)
-    assert result["p_value"] < 0.05
+    assert result["p_value"] == pytest.approx(0.125)
     assert result["p_exact"] == pytest.approx(0.125) and not result["significant"]
-    assert "normal approximation" in result["note"]
 
 
 # ----------------------------------------------------------------------------------- files, CLI

@@ -55,3 +55,14 @@ def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no stage folder"):
         read_record(tmp_path / "sft-nothere")
     assert not is_stage_folder(tmp_path)
+
+
+def test_a_stage_completed_meanwhile_by_another_job_is_kept(tmp_path):
+    store = RunStore(tmp_path)
+    with store.writing("sft", "abc", {"job": 1}):
+        pass
+    # a second job that checked before the first finished now writes the same lineage
+    with store.writing("sft", "abc", {"job": 2}):
+        pass
+    assert store.find("sft", "abc").meta["job"] == 1
+    assert not store.partial_dir("sft", "abc").exists()
