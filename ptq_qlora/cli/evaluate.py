@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ptq_qlora.cli.quiet import quiet_third_party
+from ptq_qlora.cli.job import run_hydra_job
 from ptq_qlora.config import CONF_DIR, setup
 
 setup()
@@ -13,14 +13,7 @@ setup()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _evaluate(cfg: DictConfig) -> float | None:
-    quiet_third_party()
-    from ptq_qlora.distributed import main_process_tracker, quiet_other_ranks
-    from ptq_qlora.stages.runner import objective, run_job
-
-    quiet_other_ranks()
-    with main_process_tracker(cfg) as tracker:  # W&B on rank 0 only (several GPUs)
-        summary = run_job(cfg, tracker)
-    return objective(summary, cfg)
+    return run_hydra_job(cfg)
 
 
 def main():

@@ -39,3 +39,17 @@ def torch_dtype(name: str) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; known: float32, bfloat16, float16") from None
+
+
+def reuse_completed(ctx: "JobContext", kind: str, lineage: str, parent, metrics_prefix: str):
+    """The ModelRef of a completed stage of this lineage (logged as reused), or None when it must
+    run (none stored, or force=true)."""
+    from ptq_qlora.stages.refs import ref_from_stage_folder
+
+    found = None if ctx.cfg.force else ctx.store.find(kind, lineage)
+    if not found:
+        return None
+    log.info("%s reused from %s", kind, found.path)
+    ctx.log_metrics(found.metrics, prefix=metrics_prefix, reused=True)
+    ctx.log_stage_artifact(kind, lineage, found.path, parents=[parent], reused=True)
+    return ref_from_stage_folder(found)

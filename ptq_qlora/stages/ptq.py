@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ptq_qlora.models.loading import load_tokenizer
 from ptq_qlora.models.prompting import render_prompt
-from ptq_qlora.stages.context import JobContext
+from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import ptq_lineage
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
 
@@ -32,12 +32,9 @@ def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
         log.info("quantizer=none: the PTQ point is the 16-bit model itself")
         return parent
     lineage = ptq_lineage(cfg, parent.lineage)
-    found = None if cfg.force else ctx.store.find("ptq", lineage)
-    if found:
-        log.info("PTQ reused from %s", found.path)
-        ctx.log_metrics(found.metrics, prefix="ptq", reused=True)
-        ctx.log_stage_artifact("ptq", lineage, found.path, parents=[parent], reused=True)
-        return ref_from_stage_folder(found)
+    reused = reuse_completed(ctx, "ptq", lineage, parent, metrics_prefix="ptq")
+    if reused:
+        return reused
 
     tokenizer = load_tokenizer(parent.model_path)
     texts = calibration_texts(ctx, tokenizer, int(qcfg.get("calibration_samples") or 0))

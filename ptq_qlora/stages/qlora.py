@@ -7,7 +7,7 @@ import logging
 import os
 
 from ptq_qlora.models.loading import load_tokenizer
-from ptq_qlora.stages.context import JobContext
+from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import qlora_lineage, train_settings
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
 from ptq_qlora.training import train_causal_lm
@@ -26,12 +26,9 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
     from ptq_qlora.quantizers import load_quantized
 
     lineage = qlora_lineage(cfg, parent.lineage)
-    found = None if cfg.force else ctx.store.find("qlora", lineage)
-    if found:
-        log.info("QLoRA reused from %s", found.path)
-        ctx.log_metrics(found.metrics, prefix="qlora/train", reused=True)
-        ctx.log_stage_artifact("qlora", lineage, found.path, parents=[parent], reused=True)
-        return ref_from_stage_folder(found)
+    reused = reuse_completed(ctx, "qlora", lineage, parent, metrics_prefix="qlora/train")
+    if reused:
+        return reused
 
     settings = train_settings(cfg, "qlora")
     targets = list(settings.get("target_modules") or cfg.model.lora_target_modules)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from ptq_qlora.models.loading import load_model_and_tokenizer
 from ptq_qlora.models.utils import count_parameters
 from ptq_qlora.runstore import RunStore
-from ptq_qlora.stages.context import JobContext
+from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import sft_lineage, train_settings
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
 from ptq_qlora.training import train_causal_lm
@@ -20,12 +20,9 @@ log = logging.getLogger(__name__)
 def run_sft(ctx: JobContext, parent: ModelRef) -> ModelRef:
     cfg = ctx.cfg
     lineage = sft_lineage(cfg, parent.lineage)
-    found = None if cfg.force else ctx.store.find("sft", lineage)
-    if found:
-        log.info("SFT reused from %s", found.path)
-        ctx.log_metrics(found.metrics, prefix="sft/train", reused=True)
-        ctx.log_stage_artifact("sft", lineage, found.path, parents=[parent], reused=True)
-        return ref_from_stage_folder(found)
+    reused = reuse_completed(ctx, "sft", lineage, parent, metrics_prefix="sft/train")
+    if reused:
+        return reused
 
     settings = train_settings(cfg, "sft")
     meta = {"parent": parent.to_json(), "train": settings, "config": OmegaConf.to_container(cfg, resolve=True)}
