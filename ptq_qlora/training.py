@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,6 +145,12 @@ def train_causal_lm(
 
     distributed.check_world_size(hardware)
     peft = hasattr(model, "peft_config")
+    if distributed.strategy_for(hardware, peft=peft) != "fsdp":
+        # Accelerate sets ACCELERATE_USE_FSDP=true for the rest of the process once a Trainer hands
+        # it an FSDP plugin (the pipeline's SFT stage on h200x2); a later DDP Trainer (QLoRA) would
+        # then get a default FSDP1 plugin from it and fail on the 4-bit base ("Cannot flatten
+        # integer dtype tensors"). The profile picks the strategy: forget the earlier one.
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
     train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
     ckpt_dir = out_dir / "checkpoints"
     args = SFTConfig(

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -315,3 +316,23 @@ def test_one_gpu_steps_run_on_rank_zero_alone(session):
     for r in results:
         assert r["single"]["world_inside"] == 1 and r["single_found"]
         assert r["single"] == results[0]["single"]
+
+
+def test_a_ddp_trainer_after_an_fsdp_one_forgets_fsdp(monkeypatch, compose_cfg, tmp_path):
+    """Accelerate leaves ACCELERATE_USE_FSDP=true behind after an FSDP Trainer (the pipeline's SFT);
+    the QLoRA stage's DDP Trainer in the same process must not inherit it."""
+    import ptq_qlora.training as training
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    seen = {}
+
+    def stop_at_tokenize(*args, **kwargs):
+        seen["fsdp_env"] = os.environ.get("ACCELERATE_USE_FSDP")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(training, "tokenize_for_training", stop_at_tokenize)
+    cfg = compose_cfg("hardware=cpu")
+    with pytest.raises(RuntimeError, match="stop here"):
+        training.train_causal_lm(model=torch.nn.Linear(2, 2), tokenizer=None, train_rows=[], model_cfg=cfg.model,
+                                 hardware=cfg.hardware, train_cfg=cfg.sft, out_dir=tmp_path, seed=0)
+    assert seen["fsdp_env"] is None

@@ -140,3 +140,26 @@ def test_attach_lora_fails_loudly_on_unmatched_targets(checkpoints):
     with pytest.raises(ValueError, match="all-linear"):
         attach_lora(model, "all-linear", r=4, alpha=8, dropout=0.0)
     assert not any("lora_" in name for name, _ in model.named_modules())  # nothing was attached
+
+
+def test_float_quant_storage_keeps_the_bytes_and_the_gradients(checkpoints, batch):
+    """FSDP QLoRA re-views packed NF4 bytes as bf16 (bnb_4bit_quant_storage): same loss, same gradients."""
+    from ptq_qlora.quantizers.bnb import use_float_quant_storage
+
+    def loss_and_grads(float_storage: bool):
+        torch.manual_seed(0)  # same lora_A init in both models
+        model = attach_lora(load_quantized(CONFIGS["bnb"], checkpoints / "bnb", "float32", True), TARGETS, r=4,
+                            alpha=8, dropout=0.0)
+        _randomize_lora_b(model)
+        if float_storage:
+            packed = [m.weight for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+            assert packed and {p.dtype for p in packed} == {torch.uint8}
+            assert use_float_quant_storage(model, torch.bfloat16) == len(packed)
+            assert {m.weight.dtype for m in model.modules() if type(getattr(m, "weight", None)).__name__ ==
+                    "Params4bit"} == {torch.bfloat16}
+        return lora_gradients(model, batch)
+
+    loss, grads = loss_and_grads(False)
+    float_loss, float_grads = loss_and_grads(True)
+    assert float_loss == pytest.approx(loss, abs=1e-6)
+    assert relative_gradient_error(float_grads, grads)[0] < 1e-6

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ptq_qlora.quantizers.common import default_device_map
+from ptq_qlora.quantizers.common import default_device_map, dtype_bytes
 from ptq_qlora.quantizers.config import QuantizerConfig
 from ptq_qlora.quantizers.registry import QuantMethod, register
 from ptq_qlora.quantizers.training_safety import disable_bnb_cpu_packing
@@ -61,6 +61,29 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
     if for_training or not qcfg.cpu_packed_eval:
         disable_bnb_cpu_packing(model)
     return model
+
+
+def use_float_quant_storage(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Re-view every packed 4-bit weight's bytes as `dtype` (bnb's `bnb_4bit_quant_storage`), for FSDP:
+    FSDP2 shards floating-point parameters only (Accelerate leaves uint8 Params4bit unsharded and whole
+    on every GPU) and casts what it shards to its mixed-precision dtype, which must not change the bytes.
+    The bytes, the quant state and bnb's kernels (storage-agnostic) are unchanged; checkpoints keep uint8.
+    Call after attaching LoRA (peft gives adapters the base weight's floating dtype). Returns layer count."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "Params4bit" or getattr(weight, "quant_state", None) is None:
+            continue
+        if weight.dtype != dtype:
+            packed = weight.data.contiguous().view(torch.uint8).reshape(-1)
+            if packed.numel() % dtype_bytes(dtype):
+                raise ValueError(f"{packed.numel()} packed bytes do not fill whole {dtype} elements")
+            weight.data = packed.view(dtype).reshape(-1, 1)  # bnb's layout: (bytes / itemsize, 1)
+        weight.quant_storage = dtype
+        if hasattr(module, "quant_storage"):
+            module.quant_storage = dtype
+        count += 1
+    return count
 
 
 def _describe(qcfg: QuantizerConfig) -> dict:

@@ -49,7 +49,7 @@ def reuse_completed(ctx: "JobContext", kind: str, lineage: str, parent, metrics_
     found = None if ctx.cfg.force else ctx.store.find(kind, lineage)
     if not found:
         return None
-    log.info("%s reused from %s", kind, found.path)
+    log.info("%s reused from %s", kind.upper(), found.path)
     ctx.log_metrics(found.metrics, prefix=metrics_prefix, reused=True)
     ctx.log_stage_artifact(kind, lineage, found.path, parents=[parent], reused=True)
     return ref_from_stage_folder(found)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+from ptq_qlora import distributed
 from ptq_qlora.models.loading import load_tokenizer
 from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import qlora_lineage, train_settings
@@ -40,6 +41,12 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         tokenizer = load_tokenizer(parent.model_path)
         model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
                             gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        if distributed.strategy_for(cfg.hardware, peft=True) == "fsdp":
+            from ptq_qlora.quantizers.bnb import use_float_quant_storage
+            from ptq_qlora.quantizers.common import parse_dtype
+
+            # FSDP shards the 4-bit weights only when stored as a float dtype (bnb_4bit_quant_storage)
+            use_float_quant_storage(model, parse_dtype(cfg.hardware.dtype))
         counts = parameter_counts(model)
         log.info("QLoRA on %s: %s", parent.label, counts)
         metrics = train_causal_lm(
