@@ -5,7 +5,14 @@ run resumes from.
 Several GPUs: launched by torchrun / accelerate launch, the same Trainer runs data-parallel (DDP) or
 fully sharded (FSDP2 through Accelerate) as the hardware profile says (ptq_qlora/distributed.py);
 `trainer_arguments` (importable without trl, datasets or hydra) builds the arguments both paths and
-benchmarks/fsdp_sft.py use, and `save_trained_model` gathers a sharded model into one HF folder."""
+benchmarks/fsdp_sft.py use, and `save_trained_model` gathers a sharded model into one HF folder.
+
+One-GPU speed options of the hardware profile (all off on the cpu profile; benchmarks/qlora_speed.py
+measured each, see benchmarks/RESULTS.md): `padding_free` + `pack_length` (ptq_qlora/packing.py),
+`use_liger_kernel` (Liger's Triton RMSNorm/SwiGLU/RoPE kernels through the Trainer),
+`activation_offload` (checkpointed layer inputs held in pinned host memory), and
+`frozen_in_compute_dtype` (LoRA over a 4-bit base: frozen norms/embeddings/lm_head stay bf16 instead
+of peft's fp32 upcast, so the residual stream is bf16 as in the model's own training)."""
 from __future__ import annotations
 
 import json
@@ -49,6 +56,45 @@ def tokenize_for_training(dataset: "Dataset", tokenizer, model_cfg) -> "Dataset"
     return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
 
 
+def speed_option(hardware, name: str, default=False):
+    """A profile's speed option; profiles written before it existed (and plain namespaces) say `default`."""
+    getter = getattr(hardware, "get", None)
+    value = getter(name, default) if callable(getter) else getattr(hardware, name, default)
+    return default if value is None else value
+
+
+def prepare_padding_free(train_ds: "Dataset", pack_length: int, max_length: int | None) -> "Dataset":
+    """Tokenized rows (`input_ids`, `completion_mask`) -> packed rows for the padding-free path: labels
+    from the completion mask, each example truncated to `max_length` (keep the start) and dropped if
+    no completion token is left, as TRL does on the padded path, then packed best-fit."""
+    from ptq_qlora.packing import pack_dataset
+
+    def to_labels(row):
+        ids = row["input_ids"][:max_length] if max_length else row["input_ids"]
+        mask = row["completion_mask"][: len(ids)]
+        return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]}
+
+    rows = train_ds.map(to_labels, remove_columns=train_ds.column_names, desc="labels for packing")
+    rows = rows.filter(lambda row: any(t != -100 for t in row["labels"]), desc="dropping rows without a target")
+    if len(rows) == 0:
+        raise ValueError("no training row has a completion token left after truncation to max_length")
+    return pack_dataset(rows, int(pack_length))
+
+
+def keep_frozen_in_compute_dtype(model, dtype) -> int:
+    """Cast frozen fp32 float weights (what peft's prepare_model_for_kbit_training upcast: norms,
+    embeddings, lm_head) back to `dtype`; 4-bit weights and trainable parameters are left alone.
+    Returns the number of values cast."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+            cast += param.numel()
+    return cast
+
+
 def precision_flags(dtype: str, device: str) -> dict:
     """Mixed precision (autocast) for the Trainer, from the hardware's compute dtype; always
     explicit, since TRL turns bf16 on by default. On CPUs with AVX512-BF16 bf16 autocast trains
@@ -87,9 +133,35 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
         report_to=report_to,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not distributed.is_main_process(),
+        use_liger_kernel=_liger_available(hardware),
         **precision_flags(hardware.dtype, hardware.device),
-        **distributed.trainer_distributed_args(hardware, peft=peft),
+        **_with_activation_offload(distributed.trainer_distributed_args(hardware, peft=peft), hardware),
     )
+
+
+def _liger_available(hardware) -> bool:
+    """The profile asks for Liger's kernels and they are installed (the `gpu` extra); a missing
+    package costs speed, not correctness, so it is a warning."""
+    if not speed_option(hardware, "use_liger_kernel"):
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("use_liger_kernel: liger-kernel is not installed (pip install '.[gpu]'); training without it")
+        return False
+    return True
+
+
+def _with_activation_offload(args: dict, hardware) -> dict:
+    """`activation_offload`: the Trainer's checkpointing keeps each checkpointed layer's input in
+    pinned host memory (transformers' `offload`). Not under FSDP's own checkpointing."""
+    if not (speed_option(hardware, "activation_offload") and args.get("activation_checkpointing")):
+        return args
+    if args.get("fsdp"):
+        raise ValueError("activation_offload works with the Trainer's checkpointing, not FSDP's; "
+                         "use fsdp_cpu_offload for FSDP")
+    kwargs = dict(args.get("activation_checkpointing_kwargs") or {"use_reentrant": False})
+    return {**args, "activation_checkpointing_kwargs": {**kwargs, "offload": True}}
 
 
 def save_trained_model(trainer, model, save_dir: str | Path, dtype=None) -> None:
@@ -137,9 +209,29 @@ def train_causal_lm(
     run_name: str | None = None,
     save_dir: Path | None = None,
 ) -> dict:
-    """Train `model` in place; checkpoints go to `out_dir/checkpoints` and a rerun resumes from
-    the newest one. With `save_dir`, the trained model (a PEFT model: its adapter) is saved there as
-    a normal HF folder, also when it was sharded over several GPUs. Returns training metrics."""
+    """Train `model` in place on prompt/completion rows; checkpoints go to `out_dir/checkpoints` and a
+    rerun resumes from the newest one. With `save_dir`, the trained model (a PEFT model: its adapter)
+    is saved there as a normal HF folder, also when it was sharded over several GPUs. Returns
+    training metrics."""
+    train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
+    return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, report_to=report_to,
+                           max_length=max_length, run_name=run_name, save_dir=save_dir)
+
+
+def train_tokenized(
+    model,
+    tokenizer,
+    train_ds: "Dataset",
+    train_cfg: dict,
+    hardware,
+    out_dir: Path,
+    seed: int,
+    report_to: str = "none",
+    max_length: int | None = None,
+    run_name: str | None = None,
+    save_dir: Path | None = None,
+) -> dict:
+    """`train_causal_lm` after tokenization: rows of `input_ids` + `completion_mask` (+ `length`)."""
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
@@ -151,14 +243,29 @@ def train_causal_lm(
         # then get a default FSDP1 plugin from it and fail on the 4-bit base ("Cannot flatten
         # integer dtype tensors"). The profile picks the strategy: forget the earlier one.
         os.environ.pop("ACCELERATE_USE_FSDP", None)
-    train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
+    examples = len(train_ds)
+    collator = None
+    if speed_option(hardware, "padding_free"):
+        from ptq_qlora.packing import PackedRowsCollator
+
+        train_ds = prepare_padding_free(train_ds, speed_option(hardware, "pack_length", 2048), max_length)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = PackedRowsCollator(pad_id)
+        max_length = None  # examples are truncated above; TRL would cut packed rows
+        log.info("padding-free: %d examples packed into %d rows of <= %s tokens", examples, len(train_ds),
+                 speed_option(hardware, "pack_length", 2048))
+    if peft and speed_option(hardware, "frozen_in_compute_dtype") and hardware.dtype == "bfloat16":
+        from ptq_qlora.models.loading import resolve_dtype
+
+        log.info("frozen fp32 weights cast to bf16: %d values", keep_frozen_in_compute_dtype(model, resolve_dtype("bfloat16")))
     ckpt_dir = out_dir / "checkpoints"
     args = SFTConfig(
         **trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name, peft=peft),
         completion_only_loss=True,
         max_length=max_length,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                         data_collator=collator)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     if resume:
         log.info("resuming training from %s", resume)
@@ -179,12 +286,14 @@ def train_causal_lm(
         "loss_curve": losses,
         "train_seconds": seconds,
         "train_steps": trainer.state.global_step,
-        "train_examples": len(train_ds),
+        "train_examples": examples,
+        "train_rows": len(train_ds),  # packed rows when padding-free
         "train_tokens_seen": int(tokens),
         "train_tokens_per_second": float(tokens) / seconds if seconds > 0 else math.nan,
         "train_tokens_per_second_per_process": float(tokens) / seconds / gpus if seconds > 0 else math.nan,
         "world_size": gpus,
         "distributed": distributed.strategy_for(hardware, peft=peft),
+        "padding_free": bool(speed_option(hardware, "padding_free")),
         "resumed_from": resume,
     }
     # rank 0's numbers everywhere: every rank then writes the same metrics.json into the shared folder

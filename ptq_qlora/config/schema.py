@@ -26,6 +26,12 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"
     dataloader_workers: int = 0
     torch_threads: Optional[int] = None  # None: torch's default
+    # --- one-GPU training speed (ptq_qlora/training.py, measured in benchmarks/RESULTS.md); all off on CPU.
+    padding_free: bool = False  # examples packed into rows of <= pack_length tokens, no pad, boundaries kept
+    pack_length: int = 2048
+    use_liger_kernel: bool = False  # Liger's Triton RMSNorm/SwiGLU/RoPE (needs `pip install .[gpu]`)
+    activation_offload: bool = False  # checkpointed layer inputs in pinned host memory
+    frozen_in_compute_dtype: bool = False  # QLoRA: frozen norms/embeddings/lm_head stay bf16 (no fp32 upcast)
     # --- several GPUs (ptq_qlora/distributed.py). Used only when started by a launcher
     # (`torchrun --nproc_per_node N train.py ...` or `accelerate launch ...`); a plain
     # `python train.py` stays on one device. Batch sizes above are per GPU: the effective batch is
@@ -98,6 +104,8 @@ class StageConfig:
     # A stage run alone may start from this instead of its upstream stage: a run-store folder,
     # a model folder or a Hub id.
     input: Optional[str] = None
+    # The no-SFT ablation: quantize the base model itself (base -> ptq -> qlora, no stage-1 SFT).
+    skip_sft: bool = False
 
 
 @dataclass
