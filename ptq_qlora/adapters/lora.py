@@ -22,12 +22,13 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def attach_lora(model: torch.nn.Module, target_modules: list[str], r: int, alpha: int, dropout: float,
-                gradient_checkpointing: bool = False):
+                gradient_checkpointing: bool = False, lora_options: dict | None = None):
     """Wrap `model` (loaded with load_quantized(..., for_training=True)) in a trainable PeftModel.
 
     Targets are explicit module names: peft's "all-linear" only matches nn.Linear, and gptqmodel's
     quantized layers are not nn.Linear, so it would silently skip every GPTQ layer. Every requested
-    name must match at least one module, or this fails before touching the model.
+    name must match at least one module, or this fails before touching the model. `lora_options`
+    are extra LoraConfig fields (e.g. QA-LoRA's, see adapters/qalora.py).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -48,7 +49,7 @@ def attach_lora(model: torch.nn.Module, target_modules: list[str], r: int, alpha
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        bias="none", task_type="CAUSAL_LM")
+                        bias="none", task_type="CAUSAL_LM", **(lora_options or {}))
     peft_model = get_peft_model(model, config)
     log.info("LoRA attached: %s", parameter_counts(peft_model))
     return peft_model

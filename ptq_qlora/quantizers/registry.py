@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,6 +25,9 @@ Quantize = Callable[[QuantizerConfig, Path, Path, Any, list[str], torch.dtype], 
 Load = Callable[[QuantizerConfig, Path, torch.dtype, bool, Any], torch.nn.Module]
 # describe(qcfg) -> the settings of this method worth recording next to its results
 Describe = Callable[[QuantizerConfig], dict]
+# merge(qcfg, base_dir, adapter_dir, out_dir, compute_dtype) -> stats: writes the adapter folded into a
+# low-bit checkpoint (QA-LoRA); methods without one keep the adapter separate.
+Merge = Callable[[QuantizerConfig, Path, Path, Path, torch.dtype], dict]
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,12 @@ class QuantMethod:
     load: Load
     needs_calibration: bool = False
     describe: Describe = field(default=lambda qcfg: {})
+    adapter: str = "lora"  # what the QLoRA stage trains on this base: lora | qa-lora
+    merge: Optional[Merge] = None
 
 
 QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
-_NOT_METHOD_MODULES = {"api", "common", "config", "registry", "testing", "training_safety"}
+_NOT_METHOD_MODULES = {"api", "common", "config", "qalora_merge", "registry", "testing", "training_safety"}
 _scanned = False
 
 
