@@ -230,8 +230,10 @@ def train_tokenized(
     max_length: int | None = None,
     run_name: str | None = None,
     save_dir: Path | None = None,
+    callbacks: list | None = None,
 ) -> dict:
-    """`train_causal_lm` after tokenization: rows of `input_ids` + `completion_mask` (+ `length`)."""
+    """`train_causal_lm` after tokenization: rows of `input_ids` + `completion_mask` (+ `length`).
+    `callbacks`: extra TrainerCallbacks (benchmarks/qlora_speed.py times steps with one)."""
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
@@ -265,7 +267,7 @@ def train_tokenized(
         max_length=max_length,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         data_collator=collator)
+                         data_collator=collator, callbacks=callbacks)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     if resume:
         log.info("resuming training from %s", resume)

@@ -1,0 +1,606 @@
+"""One-GPU QLoRA speed: the project's QLoRA stage code path against stock HF (transformers + peft +
+bitsandbytes) and HF + Liger, on the same random 7B-shaped NF4 checkpoint and the same batches; the
+padded vs padding-free path on real-data lengths; the eval stage's batched generation vs HF generate
+at batch 1; optionally full SFT of a ~1B shape. One process runs the modes one after another (each
+loads its own model; modes that apply Liger go last, since Liger patches transformers' modules).
+
+    python benchmarks/qlora_speed.py lengths --out .site-speed/lengths.json          # here, CPU: real data
+    python benchmarks/qlora_speed.py make --dir /dev/shm/llama2 --arch llama2          # GPU: bf16 -> NF4
+    python benchmarks/qlora_speed.py run --dir /dev/shm/llama2 --arch llama2 --lengths .site-speed/lengths.json \\
+        --modes hf,project_before,real_before,gen,project,real,liger --out results.jsonl
+    python benchmarks/qlora_speed.py table results.jsonl
+
+Modes (LoRA r16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; AdamW; bf16 compute):
+- hf: stock HF as ../shared/gpu-baselines/qlora_peers.py does it: the NF4 checkpoint through
+  `from_pretrained`, `prepare_model_for_kbit_training` (checkpointing), `get_peft_model`, a plain loop
+  over rows of `--seq` tokens (labels = inputs).   liger: the same after `apply_liger_kernel_to_<arch>`.
+- project_before / project: the QLoRA stage's code: `load_quantized(..., for_training=True)`,
+  `attach_lora`, `ptq_qlora.training.train_tokenized` (TRL SFTTrainer, completion-only loss) with the
+  h200 profile's speed options off / as the profile sets them (padding_free, use_liger_kernel,
+  frozen_in_compute_dtype). project_offload: the profile plus activation_offload. Same rows as hf.
+- real_before / real: the same two on rows with the prompt/completion lengths of the real training mix
+  (`lengths`: DialogSum + general-instruction rows, rendered and tokenized as the stage does), random
+  token ids; effective tok/s counts non-pad tokens only.
+- gen: the eval stage's `generate_batched` (profile eval_batch_size) vs `model.generate` one prompt
+  at a time, same prompts (real DialogSum prompt lengths), greedy, `--new-tokens` each.
+- sft1b: full SFT (bf16 weights, the profile's options) of a TinyLlama-1.1B shape on the real lengths.
+
+Timing: CUDA-synchronised clock at each optimizer step's end; fixed shape: median of steps 3..N;
+real data: non-pad tokens of steps 3..N over their time. Peak memory: torch.cuda.max_memory_allocated
+over the mode (reset at its start; what an earlier mode left allocated is reported as `resident_gib`).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNSLOTH_H100 = 11_451  # tok/s, ../shared/gpu-baselines/RESULTS.md (H100 80GB, same shape and batch), 6.09 GiB
+ARCHS = {  # the real widths; --layers may cut depth
+    "llama2": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                   num_key_value_heads=32, vocab_size=32000, num_hidden_layers=32)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                  num_key_value_heads=4, vocab_size=152064, num_hidden_layers=28)),
+    "mistral": ("MistralConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                      num_key_value_heads=8, vocab_size=32768, num_hidden_layers=32)),
+    "tiny": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,  # CPU smoke runs
+                                 num_key_value_heads=4, vocab_size=1024, num_hidden_layers=2)),
+    "tinyllama": ("LlamaConfig", dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                                      num_key_value_heads=4, vocab_size=32000, num_hidden_layers=22)),
+}
+FIRST_ID = 3  # ids 0..2 are <unk>/<s>/</s>: random rows never contain the pad id, so non-pad counts are exact
+
+
+def emit(out: Path | None, **record) -> None:
+    line = json.dumps(record, default=str)
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def qcfg():
+    from ptq_qlora.quantizers import QuantizerConfig
+
+    return QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4, quant_type="nf4",
+                           double_quant=True, verify_reload=False)
+
+
+def word_tokenizer(vocab: int):
+    """t<i> -> id i: any id sequence round-trips as text (the random model needs no real tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(FIRST_ID, vocab)}}
+    backend = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
+
+
+def arch_config(arch: str, layers: int | None):
+    import transformers
+
+    cls, widths = ARCHS[arch]
+    widths = {**widths, **({"num_hidden_layers": layers} if layers else {})}
+    return getattr(transformers, cls)(**widths, max_position_embeddings=4096, tie_word_embeddings=False,
+                                      use_cache=False)
+
+
+# --- make: random bf16 checkpoint -> the project's bnb quantizer ------------------------------------------
+
+def make(args) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ptq_qlora.quantizers import quantize
+
+    src, dst = Path(args.dir) / "bf16", Path(args.dir) / "nf4"
+    config = arch_config(args.arch, args.layers)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda:0" if CUDA else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(src))
+    word_tokenizer(config.vocab_size).save_pretrained(str(src))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    build_s = time.perf_counter() - t0
+    stats = quantize(qcfg(), src, dst, tokenizer=None, calibration_texts=[], compute_dtype="bfloat16")
+    emit(Path(args.out) if args.out else None, what="make", arch=args.arch, layers=config.num_hidden_layers,
+         params=params, build_and_save_s=round(build_s, 1), **stats)
+    if not args.keep_bf16:
+        import shutil
+
+        shutil.rmtree(src)
+
+
+# --- lengths: the real training mix, tokenized as the stage does ------------------------------------------
+
+def lengths(args) -> None:
+    """Prompt/completion token counts of the QLoRA stage's training rows (task + general mix, paper
+    sizes), rendered with the model config's template and tokenized by `tokenize_for_training`."""
+    from hydra import compose, initialize_config_dir
+
+    from ptq_qlora.config import CONF_DIR, setup
+    from ptq_qlora.data import load_task_data
+    from ptq_qlora.models.loading import load_tokenizer, materialize_source
+    from ptq_qlora.training import tokenize_for_training
+
+    setup()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"model={args.model}", f"task={args.task}",
+                                                       f"data={args.data}", f"paths.data_dir={args.data_dir}"])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        tok_cfg = compose(config_name="config", overrides=[f"model={args.tokenizer_model}"]).model
+    tokenizer = load_tokenizer(materialize_source(tok_cfg))
+    data = load_task_data(cfg.task, cfg.data, tokenizer=tokenizer)
+    train = data.train
+    if args.max_rows and len(train) > args.max_rows:
+        train = train.shuffle(seed=0).select(range(args.max_rows))
+    sources = train["source"]
+    encoded = tokenize_for_training(train, tokenizer, cfg.model)
+    rows = [[len(m) - sum(m), sum(m), s] for m, s in zip(encoded["completion_mask"], sources)]
+    record = {"what": "lengths", "task": args.task, "data": args.data, "template_of": args.model,
+              "tokenizer": f"{args.tokenizer_model} ({type(tokenizer).__name__}, vocab {len(tokenizer)})",
+              "rows": len(rows), "sources": {s: sources.count(s) for s in sorted(set(sources))},
+              "mean_tokens": sum(p + c for p, c, _ in rows) / len(rows),
+              "max_tokens": max(p + c for p, c, _ in rows)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**record, "prompt_completion_source": rows}))
+    print(json.dumps(record))
+
+
+def real_rows(path: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """`n` rows drawn (seeded) from the real length distribution, random ids, completion mask as the stage's."""
+    import random
+
+    spec = json.loads(Path(path).read_text())["prompt_completion_source"]
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt, completion, _ in rng.sample(spec, min(n, len(spec))):
+        ids = torch.randint(FIRST_ID, vocab, (prompt + completion,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "completion_mask": [0] * prompt + [1] * completion, "length": len(ids)})
+    return rows
+
+
+def fixed_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(FIRST_ID, vocab, (seq,), generator=gen).tolist(),
+             "completion_mask": [1] * seq, "length": seq} for _ in range(n)]
+
+
+# --- the modes ---------------------------------------------------------------------------------------------
+
+def profile(name: str, overrides: dict) -> SimpleNamespace:
+    from fsdp_sft import load_profile
+
+    hw = load_profile(name)
+    # one micro-batch per optimizer step, as the stock-HF loop: step times compare directly
+    hw.update(dataloader_workers=0, num_processes=1, grad_accum=1, **overrides)
+    if not CUDA:
+        hw.update(device="cpu", dtype="float32", use_liger_kernel=False)
+    return SimpleNamespace(**hw)
+
+
+SPEED_OFF = dict(padding_free=False, use_liger_kernel=False, frozen_in_compute_dtype=False, activation_offload=False)
+
+
+def memory_start() -> float:
+    gc.collect()
+    if not CUDA:
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+
+
+class StepClock:
+    """A TrainerCallback-like clock: (time, tokens seen) at each optimizer step's end."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def mark(self, tokens: int) -> None:
+        sync()
+        self.marks.append((time.perf_counter(), tokens))
+
+    def summary(self, skip: int = 2) -> dict:
+        # marks[0] is taken before step 1, marks[i] at the end of step i: times[i-1] is step i
+        times = [b[0] - a[0] for a, b in zip(self.marks, self.marks[1:])]
+        kept = self.marks[skip:]  # from the end of step `skip`: steps skip+1..N are timed
+        tokens = kept[-1][1] - kept[0][1]
+        seconds = kept[-1][0] - kept[0][0]
+        return {"step_times_s": [round(t, 4) for t in times], "median_step_s": statistics.median(times[skip:]),
+                "timed_tokens": tokens, "timed_seconds": seconds, "tok_s": tokens / seconds}
+
+
+def trainer_clock():
+    from transformers import TrainerCallback
+
+    clock = StepClock()
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            clock.mark(int(state.num_input_tokens_seen))
+
+    return clock, Clock()
+
+
+def run_hf(args, liger: bool) -> dict:
+    """Stock HF QLoRA (qlora_peers.py's recipe) over the same NF4 checkpoint."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if liger:
+        import liger_kernel.transformers as lk
+
+        getattr(lk, f"apply_liger_kernel_to_{ {'llama2': 'llama', 'tinyllama': 'llama'}.get(args.arch, args.arch) }")()
+    resident = memory_start()
+    model = AutoModelForCausalLM.from_pretrained(str(Path(args.dir) / "nf4"), dtype=torch.bfloat16,
+                                                 device_map={"": 0} if CUDA else None, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.config.vocab_size
+    rows = fixed_rows(args.batch * args.steps, args.seq, vocab)
+    clock = StepClock()
+    clock.mark(0)
+    seen, losses = 0, []
+    for step in range(args.steps):
+        batch = rows[step * args.batch:(step + 1) * args.batch]
+        x = torch.tensor([r["input_ids"] for r in batch], device=model.device)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += x.numel()
+        losses.append(round(loss.item(), 4))
+        clock.mark(seen)
+    result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident, "losses": losses}
+    del model, opt
+    return result
+
+
+def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False) -> dict:
+    """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from ptq_qlora.adapters import attach_lora
+    from ptq_qlora.quantizers import load_quantized
+    from ptq_qlora.training import train_tokenized
+
+    hw = profile(hardware, overrides)
+    resident = memory_start()
+    folder = Path(args.dir) / ("bf16" if sft else "nf4")
+    tokenizer = word_tokenizer(32000)  # pad id 0; the rows' ids stay below every shape's vocab
+    if sft:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16 if CUDA else torch.float32,
+                                                     attn_implementation=hw.attn_implementation,
+                                                     device_map={"": 0} if CUDA else None)
+    else:
+        model = load_quantized(qcfg(), folder, hw.dtype, for_training=True)
+        torch.manual_seed(0)
+        model = attach_lora(model, TARGETS, r=16, alpha=32, dropout=0.0, gradient_checkpointing=hw.gradient_checkpointing)
+    vocab = min(model.config.vocab_size, 32000)
+    steps = args.real_steps if data == "real" else args.steps
+    if data == "real":
+        rows = real_rows(args.lengths, args.real_rows, vocab)
+    else:
+        rows = fixed_rows(hw.train_batch_size * steps, args.seq, vocab)
+    train_cfg = {"lr": 1e-4, "scheduler": "constant", "epochs": 1, "max_steps": steps, "warmup": 0,
+                 "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "logging_steps": 1,
+                 "save_steps": 100_000, "save_total_limit": 1, "group_by_length": data == "real"}
+    clock, callback = trainer_clock()
+    clock.mark(0)
+    metrics = train_tokenized(model, tokenizer, Dataset.from_list(rows), train_cfg, hw,
+                              Path(f"/tmp/qlora_speed_{os.getpid()}_{time.time_ns()}"), seed=0,
+                              max_length=args.max_length, callbacks=[callback])
+    result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident,
+              "losses": [round(x, 4) for x in metrics["loss_curve"]], "rows": len(rows),
+              "train_rows": metrics["train_rows"], "hardware": vars(hw) | {"name": hardware},
+              "tokens_per_step_mean": metrics["train_tokens_seen"] / max(metrics["train_steps"], 1)}
+    del model
+    return result
+
+
+def run_gen(args) -> dict:
+    """The eval stage's batched generation vs HF generate one prompt at a time, same model and prompts."""
+    from transformers import GenerationConfig
+
+    from ptq_qlora.generation import generate_batched
+    from ptq_qlora.quantizers import load_quantized
+
+    hw = profile("h200", {})
+    resident = memory_start()
+    model = load_quantized(qcfg(), Path(args.dir) / "nf4", hw.dtype, for_training=False)
+    vocab = min(model.config.vocab_size, 32000)
+    tokenizer = word_tokenizer(vocab)
+    spec = json.loads(Path(args.lengths).read_text())["prompt_completion_source"]
+    task_rows = [p for p, _, s in spec if s != "general"] or [p for p, _, _ in spec]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [" ".join(f"t{i}" for i in torch.randint(FIRST_ID, vocab, (n,), generator=gen).tolist())
+               for n in task_rows[:args.gen_prompts]]
+    new = args.new_tokens
+    # batch 1, HF generate: greedy, exactly `new` tokens (min_new_tokens) so both sides do the same work
+    config = GenerationConfig(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=2)
+    one_tokens, t0 = 0, None
+    with torch.inference_mode():
+        for k, prompt in enumerate(prompts[:args.gen_single + 1]):
+            if k == 1:  # the first prompt warms up
+                sync()
+                t0 = time.perf_counter()
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+            out = model.generate(**ids, generation_config=config)
+            if k >= 1:
+                one_tokens += out.shape[1] - ids["input_ids"].shape[1]
+    sync()
+    one_s = time.perf_counter() - t0
+    # the eval stage's path: length-sorted batches of eval_batch_size; greedy, stops at </s> (rare on the
+    # random model); the tokens counted are the ones it returned
+    sync()
+    t0 = time.perf_counter()
+    texts = generate_batched(model, tokenizer, prompts, max_new_tokens=new, batch_size=hw.eval_batch_size)
+    sync()
+    batched_s = time.perf_counter() - t0
+    batched_tokens = sum(len(t.split()) for t in texts)
+    result = {"prompts": len(prompts), "prompt_tokens_mean": sum(task_rows[:len(prompts)]) / len(prompts),
+              "new_tokens": new, "hf_batch1": {"prompts": args.gen_single, "tokens": one_tokens, "seconds": one_s,
+                                               "tok_s": one_tokens / one_s},
+              "batched": {"batch_size": hw.eval_batch_size, "tokens": batched_tokens, "seconds": batched_s,
+                          "tok_s": batched_tokens / batched_s},
+              "speedup": (batched_tokens / batched_s) / (one_tokens / one_s), "peak_gib": peak_gib(),
+              "resident_gib": resident}
+    del model
+    return result
+
+
+def run_check(args) -> dict:
+    """Requirement 3 on the GPU: on the same real-length rows, the fast path (packed padding-free rows,
+    bf16 frozen weights, Liger kernels) gives the plain path's loss and LoRA gradients (padded batch,
+    peft's fp32 upcast, no Liger) within bf16 tolerance; negative control: the packed rows without
+    position_ids (examples attend to each other)."""
+    from datasets import Dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ptq_qlora.adapters import attach_lora
+    from ptq_qlora.packing import PackedRowsCollator
+    from ptq_qlora.quantizers import load_quantized
+    from ptq_qlora.training import keep_frozen_in_compute_dtype, prepare_padding_free
+
+    hw = profile("h200", {})
+    resident = memory_start()
+    model = load_quantized(qcfg(), Path(args.dir) / "nf4", hw.dtype, for_training=True)
+    torch.manual_seed(0)
+    model = attach_lora(model, TARGETS, r=16, alpha=32, dropout=0.0, gradient_checkpointing=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+    model.train()
+    rows = real_rows(args.lengths, args.check_rows, min(model.config.vocab_size, 32000), seed=3)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(
+        [{"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+         for r in rows])
+    packed_rows = prepare_padding_free(Dataset.from_list(rows), hw.pack_length, args.max_length)
+    packed = PackedRowsCollator(0)(list(packed_rows))
+    device = model.device
+
+    def loss_and_grads(batch):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def rel(a, b):
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
+
+    steps = {"plain": loss_and_grads(padded)}  # peft's fp32 frozen weights, padded batch, no Liger
+    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    steps["bf16_frozen"] = loss_and_grads(padded)
+    liger = False
+    if CUDA:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model(), fused_linear_cross_entropy=False)
+        liger = True
+        steps["bf16_frozen_liger"] = loss_and_grads(padded)
+    steps["fast"] = loss_and_grads(packed)  # + packed padding-free rows: the profile's path
+    steps["leaky_control"] = loss_and_grads({k: v for k, v in packed.items() if k != "position_ids"})
+    plain_loss, plain_grads = steps["plain"]
+    names = list(steps)
+    result = {"rows": len(rows), "packed_rows": len(packed_rows), "tokens": sum(len(r["input_ids"]) for r in rows),
+              "padded_shape": list(padded["input_ids"].shape), "packed_shape": list(packed["input_ids"].shape),
+              "liger": liger, "losses": {k: v[0] for k, v in steps.items()},
+              "loss_rel_diff_vs_plain": {k: abs(v[0] - plain_loss) / plain_loss for k, v in steps.items()},
+              "grad_rel_err_vs_plain": {k: rel(v[1], plain_grads) for k, v in steps.items()},
+              # each step's own effect: against the step before it
+              "grad_rel_err_vs_previous": {b: rel(steps[b][1], steps[a][1]) for a, b in zip(names, names[1:])},
+              "peak_gib": peak_gib(), "resident_gib": resident}
+    fast = steps["fast"][1]
+    worst = max(plain_grads, key=lambda k: float((fast[k] - plain_grads[k]).norm() / plain_grads[k].norm()))
+    result.update(worst_tensor=worst,
+                  worst_tensor_rel_err=float((fast[worst] - plain_grads[worst]).norm() / plain_grads[worst].norm()))
+    del model
+    return result
+
+
+MODES = {
+    "check": run_check,
+    "hf": lambda a: run_hf(a, liger=False),
+    "liger": lambda a: run_hf(a, liger=True),
+    "project_before": lambda a: run_project(a, SPEED_OFF, "fixed"),
+    "project": lambda a: run_project(a, {}, "fixed"),
+    "project_offload": lambda a: run_project(a, {"activation_offload": True}, "fixed"),
+    "project_nockpt": lambda a: run_project(a, {"gradient_checkpointing": False}, "fixed"),
+    "real_before": lambda a: run_project(a, SPEED_OFF, "real"),
+    "real": lambda a: run_project(a, {}, "real"),
+    "gen": run_gen,
+    "sft1b": lambda a: run_project(a, {}, "real", sft=True),
+    "sft1b_before": lambda a: run_project(a, SPEED_OFF, "real", sft=True),
+}
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    started = time.time()
+    import importlib
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "liger_kernel", "triton", "datasets"):
+        try:
+            module = importlib.import_module(name)
+            versions[name] = getattr(module, "__version__", None) or importlib.metadata.version(name.replace("_", "-"))
+        except Exception as exc:  # noqa: BLE001  (a missing package is a fact to record)
+            versions[name] = f"missing ({type(exc).__name__})"
+    emit(out, what="env", gpu=torch.cuda.get_device_name() if CUDA else "cpu", versions=versions)
+    for mode in args.modes.split(","):
+        if args.budget_s and time.time() - started > args.budget_s:
+            emit(out, what="skipped", mode=mode, reason=f"budget {args.budget_s}s used")
+            continue
+        t0 = time.perf_counter()
+        try:
+            result = MODES[mode](args)
+            emit(out, what="mode", mode=mode, arch=args.arch, dir=args.dir, seq=args.seq, batch=args.batch,
+                 wall_s=round(time.perf_counter() - t0, 1), **result)
+        except Exception as exc:  # keep going: the other modes' numbers still count
+            traceback.print_exc()
+            emit(out, what="error", mode=mode, err=f"{type(exc).__name__}: {exc}"[:1500])
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
+# --- table ---------------------------------------------------------------------------------------------------
+
+def table(args) -> None:
+    records = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.startswith("{")]
+    modes = {r["mode"]: r for r in records if r.get("what") == "mode"}
+    env = next((r for r in records if r.get("what") == "env"), {})
+    if env:
+        print(f"device: {env.get('gpu')}; {env.get('versions')}\n")
+    stock = modes.get("hf", {}).get("tok_s")
+    names = {"hf": "stock HF (transformers+peft+bnb, sdpa, ckpt)", "liger": "HF + Liger (apply_liger_kernel_to_*)",
+             "project_before": "project QLoRA path, speed options off (before)",
+             "project": "project QLoRA path, h200 profile (after)",
+             "project_offload": "project, h200 profile + activation_offload",
+             "project_nockpt": "project, h200 profile, no checkpointing"}
+    print("| run | tok/s | step s | peak GiB | x stock HF | x unsloth (H100 ref 11,451) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for mode, label in names.items():
+        r = modes.get(mode)
+        if not r:
+            continue
+        tok = r["tok_s"]
+        print(f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | "
+              f"{tok / stock:.2f} | {tok / UNSLOTH_H100:.2f} |" if stock else
+              f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | - | {tok / UNSLOTH_H100:.2f} |")
+    fixed = modes.get("project", {}).get("tok_s")
+    for mode, label in (("real_before", "real-data mix, padded + group_by_length (before)"),
+                        ("real", "real-data mix, h200 profile (packed, padding-free)"),
+                        ("sft1b_before", "full SFT 1.1B shape, real mix, speed options off"),
+                        ("sft1b", "full SFT 1.1B shape, real mix, h200 profile")):
+        r = modes.get(mode)
+        if r:
+            ratio = f"{r['tok_s'] / fixed:.2f} of fixed-shape" if fixed and not mode.startswith("sft") else ""
+            print(f"| {label} | {r['tok_s']:,.0f} effective | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | "
+                  f"{ratio} | {r['tokens_per_step_mean']:,.0f} non-pad tokens/step |")
+    g = modes.get("gen")
+    if g:
+        print(f"\ngeneration ({g['prompts']} prompts, mean {g['prompt_tokens_mean']:.0f} prompt tokens, "
+              f"{g['new_tokens']} new tokens each): HF generate batch 1 {g['hf_batch1']['tok_s']:.1f} tok/s; "
+              f"eval stage batched (batch {g['batched']['batch_size']}) {g['batched']['tok_s']:.1f} tok/s; "
+              f"speedup {g['speedup']:.1f}x")
+    c = modes.get("check")
+    if c:
+        print(f"\ncheck ({c['rows']} real-length rows, {c['tokens']} tokens; padded {c['padded_shape']} vs packed "
+              f"{c['packed_shape']}; Liger {c['liger']}):")
+        print("| path | loss | loss rel diff vs plain | LoRA grad rel err vs plain | vs the row above |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for k, loss in c["losses"].items():
+            prev = c["grad_rel_err_vs_previous"].get(k)
+            print(f"| {k} | {loss:.5f} | {c['loss_rel_diff_vs_plain'][k]:.2e} | {c['grad_rel_err_vs_plain'][k]:.2e} | "
+                  f"{'' if prev is None else f'{prev:.2e}'} |")
+        print(f"worst LoRA tensor (fast vs plain): {c['worst_tensor']} {c['worst_tensor_rel_err']:.2e}")
+    for r in records:
+        if r.get("what") in ("error", "skipped"):
+            print(f"{r['what']}: {r['mode']}: {r.get('err') or r.get('reason')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--dir", required=True)
+    m.add_argument("--arch", default="llama2", choices=sorted(ARCHS))
+    m.add_argument("--layers", type=int, default=None, help="default: the real depth")
+    m.add_argument("--keep-bf16", action="store_true", help="keep the bf16 source (sft1b trains it)")
+    m.add_argument("--out", default=None)
+    ln = sub.add_parser("lengths")
+    ln.add_argument("--out", required=True)
+    ln.add_argument("--model", default="llama2-7b", help="whose prompt template")
+    ln.add_argument("--tokenizer-model", default="smollm2-135m", help="a model config whose tokenizer is local")
+    ln.add_argument("--task", default="dialogsum")
+    ln.add_argument("--data", default="paper")
+    ln.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    ln.add_argument("--max-rows", type=int, default=0)
+    r = sub.add_parser("run")
+    r.add_argument("--dir", required=True)
+    r.add_argument("--arch", default="llama2", choices=sorted(ARCHS))
+    r.add_argument("--modes", required=True, help=",".join(MODES))
+    r.add_argument("--lengths", default=str(ROOT / ".site-speed" / "lengths.json"))
+    r.add_argument("--batch", type=int, default=4, help="rows per step (hf); the project modes use the profile's")
+    r.add_argument("--seq", type=int, default=2048)
+    r.add_argument("--steps", type=int, default=6)
+    r.add_argument("--real-steps", type=int, default=10)
+    r.add_argument("--real-rows", type=int, default=1500)
+    r.add_argument("--max-length", type=int, default=4000, help="the stage's max_input_tokens + max_output_tokens")
+    r.add_argument("--check-rows", type=int, default=8)
+    r.add_argument("--gen-prompts", type=int, default=64)
+    r.add_argument("--gen-single", type=int, default=4, help="prompts timed at batch 1 (after one warm-up)")
+    r.add_argument("--new-tokens", type=int, default=64)
+    r.add_argument("--budget-s", type=float, default=0, help="skip the remaining modes after this many seconds")
+    r.add_argument("--out", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    {"make": make, "lengths": lengths, "run": run, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

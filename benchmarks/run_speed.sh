@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-GPU QLoRA speed in one device call (nvidia-h200): a random Llama-2-7B-shaped NF4 checkpoint made
+# with the project's bnb quantizer, then benchmarks/qlora_speed.py's modes in one process (stock HF,
+# the project's QLoRA path before/after the profile's speed options, real-data lengths padded vs
+# packed, eval generation batched vs batch 1, activation offload, HF + Liger), then the table.
+# Carried: .site-speed (wheels: transformers 5.23, trl 1.16, datasets, peft 0.21.2, bitsandbytes
+# 0.50.2 pruned to its CUDA 13.0 library, liger-kernel 0.8.5, hydra/omegaconf; lengths.json).
+# ONLY=extra runs the second call's work instead: the other 7B shapes (fewer layers) and full SFT 1.1B.
+set -u
+OUT=${OUT:-$PWD/bench_out}; mkdir -p "$OUT"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+if ls .site-speed/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .site-speed/whl/*.whl > "$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+echo "pip install done ${SECONDS}s"
+R=$OUT/results.jsonl
+S="python3 benchmarks/qlora_speed.py"
+shm() { [ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -gt "$1" ] 2>/dev/null && echo /dev/shm || echo /tmp; }
+B=$(shm 24)
+if [ "${ONLY:-}" = extra ]; then
+  for arch in qwen2 mistral; do
+    timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+    timeout 120 $S run --dir $B/$arch --arch $arch --modes hf,project --out "$R" 2>&1 > "$OUT/log_$arch.txt"
+    rm -rf $B/$arch; echo "$arch done ${SECONDS}s"
+  done
+  timeout 60 $S make --dir $B/tl --arch tinyllama --keep-bf16 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  timeout 150 $S run --dir $B/tl --arch tinyllama --modes sft1b_before,sft1b --out "$R" > "$OUT/log_sft.txt" 2>&1
+else
+  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 260 \
+    --modes hf,project_before,real_before,gen,check,project,real,project_offload,liger --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run rc=$? ${SECONDS}s"
+fi
+grep -E 'Error|error' "$OUT"/log*.txt | grep -v -i "warn" | tail -8
+$S table "$R" | tee "$OUT/table.md"
+echo "done ${SECONDS}s"
