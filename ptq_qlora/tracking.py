@@ -104,7 +104,7 @@ def run_group(cfg) -> str:
     else:  # a model folder or Hub id stands in for the base (target sft) or the SFT model
         source = str(Path(given).resolve()) if Path(given).exists() else given
         point, lineage = "input", base_lineage(cfg, source=source)
-    runs_sft = target == "sft" or (point == "base" and target in CHAIN)
+    runs_sft = target == "sft" or (point == "base" and target in CHAIN and not cfg.stage.get("skip_sft"))
     return f"sft-{sft_lineage(cfg, lineage)}" if runs_sft else f"{point}-{lineage}"
 
 

@@ -1,4 +1,4 @@
-"""`bnb`: bitsandbytes 4-bit (NF4 by default, QLoRA's format), saved as a real serialized 4-bit checkpoint.
+"""`bnb`: bitsandbytes 4-bit (NF4 by default, QLoRA's format; or FP4), saved as a real serialized 4-bit checkpoint.
 
 bnb quantizes while loading; we load the 16-bit source with a BitsAndBytesConfig and save the packed
 result (uint8 weights + absmax/quant_map/nested constants), so size on disk is the real 4-bit size and
@@ -16,6 +16,8 @@ from ptq_qlora.quantizers.registry import QuantMethod, register
 from ptq_qlora.quantizers.training_safety import disable_bnb_cpu_packing
 
 QUANT_TYPES = ("nf4", "fp4")
+# the configs' labels (conf/quantizer/bnb-*.yaml); NF4 keeps the paper's name
+LABELS = {"nf4": "PTQ-BNB-4bit", "fp4": "PTQ-BNB-FP4-4bit"}
 
 
 def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts: list[str]) -> None:
@@ -23,6 +25,10 @@ def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts
 
     if qcfg.quant_type not in QUANT_TYPES:
         raise ValueError(f"bnb quant_type {qcfg.quant_type!r} is not supported; choose one of {QUANT_TYPES}")
+    expected = LABELS[qcfg.quant_type]
+    if qcfg.label in LABELS.values() and qcfg.label != expected:  # e.g. bnb-nf4 with quant_type=fp4
+        raise ValueError(f"bnb quant_type {qcfg.quant_type} would be reported as {qcfg.label!r}; use "
+                         f"quantizer=bnb-{qcfg.quant_type} (label {expected!r}) or set quantizer.label")
 
 
 def _bnb_config(qcfg: QuantizerConfig, compute_dtype: torch.dtype):

@@ -43,6 +43,37 @@ def resolve_backend(qcfg: QuantizerConfig, for_training: bool, device: str) -> s
     return CPU_BACKENDS["eval"]
 
 
+def backend_kernel(name: str):
+    """gptqmodel's GPTQ kernel class for a backend name; None for the `auto*` selectors."""
+    from gptqmodel import BACKEND
+    from gptqmodel.quantization import FORMAT, METHOD
+    from gptqmodel.utils.importer import get_kernel_for_backend
+
+    try:
+        backend = BACKEND(name)
+    except ValueError:
+        raise ValueError(f"unknown GPTQ backend {name!r}; e.g. gptq_torch, gptq_torch_aten, auto, "
+                         "auto_trainable") from None
+    if backend in (BACKEND.AUTO, BACKEND.AUTO_TRAINABLE):
+        return None
+    return get_kernel_for_backend(backend, METHOD.GPTQ, FORMAT.GPTQ)
+
+
+def check_backends(qcfg: QuantizerConfig, device: str) -> None:
+    """The evaluation and training kernels this job will load must take the bit width and group
+    size (e.g. TorchAten is 4-bit only): say so now rather than after quantizing, deep in a load."""
+    for key, for_training in (("backend_eval", False), ("backend_train", True)):
+        name = resolve_backend(qcfg, for_training, device)
+        kernel = backend_kernel(name)
+        if kernel is None:
+            continue
+        for what, value, supported in (("bits", qcfg.bits, kernel.SUPPORTS_BITS),
+                                       ("group_size", qcfg.group_size, kernel.SUPPORTS_GROUP_SIZE)):
+            if value not in supported:
+                raise ValueError(f"GPTQ {key}={name} ({kernel.__name__}) supports {what} {list(supported)}, not "
+                                 f"{value}; choose another quantizer.{key} (null picks one that fits on {device})")
+
+
 def quantized_linear_widths(src_dir: Path) -> dict[str, int]:
     """Input width of every nn.Linear GPTQ will quantize (all but the output head), from config only."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -82,6 +113,7 @@ def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts
         raise ValueError(f"GPTQ damp_percent must be in (0, 1), got {qcfg.damp_percent}")
     if qcfg.desc_act and qcfg.act_group_aware:
         raise ValueError("GPTQ desc_act and act_group_aware are mutually exclusive (gptqmodel refuses both)")
+    check_backends(qcfg, "cuda:0" if torch.cuda.is_available() else "cpu")
     usable = len(calibration_examples(qcfg, tokenizer, calibration_texts))
     if usable < qcfg.min_calibration_samples:
         raise ValueError(

@@ -19,7 +19,7 @@ _EXPORTS = {
     "PaperTable": "table", "format_table": "table",
     "per_example_tests": "significance", "cell_tests": "significance", "wilcoxon_summary": "significance",
     "exact_wilcoxon_p": "significance",
-    "write_plots": "plots", "plot_task_bars": "plots", "plot_pair": "plots",
+    "write_plots": "plots", "plot_task_bars": "plots", "plot_pair": "plots", "plot_bits": "plots",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ptq_qlora.point_labels import parse as parse_label
+from ptq_qlora.point_labels import ptq_label, qlora_label
 from ptq_qlora.runstore import COMPLETED, META
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class EvalRow:
     metrics: dict  # numeric summary metrics (precision, f1_micro, rougeL, alignscore, n, ...)
     point: str = "?"  # chain point: base | sft | ptq | qlora | input
     method: str | None = None  # quantizer method (bnb, gptq) for ptq/qlora points
+    bits: int | None = None  # weight bit width: the quantizer's `bits`, 16 for unquantized points
     lineage: str = "?"  # the eval's lineage
     model_lineage: str = "?"  # the evaluated model's lineage
     chain: list[str] = field(default_factory=list)  # every lineage from the eval up to the base
@@ -87,9 +90,20 @@ def task_kind(task: str, metrics: dict) -> str:
     return TASK_KINDS.get(task, UNKNOWN)
 
 
+def row_bits(label: str, point: str | None, quantizer: dict | None) -> int | None:
+    """Weight bit width of an evaluated model: its quantizer's `bits` (the PTQ stage records the
+    config it ran), 16 for unquantized points, else what the label says."""
+    quantizer = quantizer or {}
+    if quantizer.get("method", "none") != "none" and quantizer.get("bits") is not None:
+        return int(quantizer["bits"])
+    if point in ("base", "sft", "input") or label == "SFT-16bit":
+        return 16
+    return parse_label(label).bits
+
+
 def normalise_label(label: str, quantizer: dict | None) -> tuple[str, str | None]:
     """The ref's label, with the bit width corrected when the quantizer config disagrees with it
-    (the quantizer presets carry a fixed `label`, e.g. PTQ-GPTQ-4bit even with `bits=3`)."""
+    (stores written before the labels followed `bits` say PTQ-GPTQ-4bit even with `bits=3`)."""
     bits = (quantizer or {}).get("bits")
     found = _BITS_IN_LABEL.search(label or "")
     if bits is not None and found and int(found.group(1)) != int(bits):
@@ -220,6 +234,7 @@ def _read_eval_folder(folder: Path, index: _StoreIndex, notes: list[str]) -> Eva
     return EvalRow(
         model=name, label=label, task=str(task), kind=task_kind(str(task), metrics), metrics=metrics,
         point=ref.get("point", "?"), method=(ref.get("quantizer") or {}).get("method"),
+        bits=row_bits(label, ref.get("point"), ref.get("quantizer")),
         lineage=lineage, model_lineage=ref.get("lineage", "?"), chain=[lineage, *chain],
         finished_at=meta.get("finished_at"), predictions=predictions if predictions.exists() else None,
         source=str(folder),
@@ -293,6 +308,7 @@ def _wandb_rows(run, name: str, points, notes: list[str]) -> list[EvalRow]:
         raise ValueError("run config has no task.name")
     model = _lookup(config, "model.name") or UNKNOWN
     qlabel, qbits = _lookup(config, "quantizer.label"), _lookup(config, "quantizer.bits")
+    no_sft = bool(_lookup(config, "stage.skip_sft"))
     finished = summary.get("_timestamp")
     stages = _lookup(config, "stages") or {}
     rows = []
@@ -310,17 +326,18 @@ def _wandb_rows(run, name: str, points, notes: list[str]) -> list[EvalRow]:
         if ref and ref.get("label"):
             label, note = normalise_label(ref["label"], ref.get("quantizer"))
         else:
-            label, note = _wandb_label(point, qlabel, qbits)
+            label, note = _wandb_label(point, qlabel, qbits, no_sft)
         if note:
             notes.append(f"wandb:{name} eval/{point}: {note}")
         if ref:
-            method = (ref.get("quantizer") or {}).get("method")
+            method, bits = (ref.get("quantizer") or {}).get("method"), row_bits(label, point, ref.get("quantizer"))
         else:
             method = _lookup(config, "quantizer.method") if point in ("ptq", "qlora") else None
+            bits = row_bits(label, point, {"method": method, "bits": qbits} if method else None)
         predictions = folder / "predictions.jsonl" if folder is not None else None
         rows.append(EvalRow(
             model=str(model), label=label, task=str(task), kind=task_kind(str(task), metrics), metrics=metrics,
-            point=point, method=method,
+            point=point, method=method, bits=bits,
             lineage=lineage, model_lineage=(ref or {}).get("lineage", "?"), chain=[lineage],
             finished_at=float(finished) if _numeric(finished) else None,
             predictions=predictions if predictions is not None and predictions.exists() else None,
@@ -329,14 +346,15 @@ def _wandb_rows(run, name: str, points, notes: list[str]) -> list[EvalRow]:
     return rows
 
 
-def _wandb_label(point: str, qlabel, qbits) -> tuple[str, str | None]:
+def _wandb_label(point: str, qlabel, qbits, no_sft: bool = False) -> tuple[str, str | None]:
     if point == "sft":
         return "SFT-16bit", None
     if point in ("ptq", "qlora"):
         if not qlabel or qlabel == "SFT-16bit":
             return f"{point}-unknown-quantizer", f"no quantizer label in the run config for point {point!r}"
         label, note = normalise_label(str(qlabel), {"bits": qbits} if qbits is not None else None)
-        return (f"{label}+QLoRA" if point == "qlora" else label), note
+        label = ptq_label(label, no_sft)
+        return (qlora_label(label) if point == "qlora" else label), note
     return point, None
 
 

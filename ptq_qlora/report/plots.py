@@ -1,5 +1,6 @@
-"""PNG plots (matplotlib, Agg): the primary metric per task by model and point, and per-example
-scores of a PTQ vs PTQ+QLoRA pair."""
+"""PNG plots (matplotlib, Agg): the primary metric per task by model and point, the primary metric
+against the bit width (when a method ran at several), and per-example scores of a PTQ vs
+PTQ+QLoRA pair."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,8 @@ from pathlib import Path
 
 from ptq_qlora.report.collect import EvalRow
 from ptq_qlora.report.significance import aligned_scores, comparison_sets, per_example_key
-from ptq_qlora.report.table import PRIMARY, ordered_models, ordered_tasks, point_sort_key
+from ptq_qlora.point_labels import parse as parse_label
+from ptq_qlora.report.table import PRIMARY, has_bits_axis, ordered_models, ordered_tasks, point_sort_key
 
 _TITLES = {"f1_micro": "F1-micro", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
            "rougeLsum": "ROUGE-Lsum", "correct": "correct (0/1)"}
@@ -58,6 +60,55 @@ def plot_task_bars(rows: list[EvalRow], task: str, path: Path, metric_for_genera
     ax.set_title(f"{task}: {_TITLES.get(metric, metric)} by model and point")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_bits(rows: list[EvalRow], task: str, path: Path, metric_for_generation: str = "rougeL") -> Path | None:
+    """The task's primary metric against the weight bit width: one panel per model that has a PTQ
+    method at several widths, one line per method (solid: PTQ, dashed: +QLoRA; square markers: the
+    no-SFT ablation), SFT-16bit as a dotted reference. None when no method has several widths."""
+    rows = [r for r in rows if r.task == task]
+    if not rows:
+        return None
+    metric = primary_metric(rows[0].kind, metric_for_generation)
+    rows = [r for r in rows if metric in r.metrics]
+    models = [m for m in ordered_models({r.model for r in rows})
+              if has_bits_axis(r.label for r in rows if r.model == m)]
+    if not models:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    families = sorted({(parse_label(r.label).family, parse_label(r.label).no_sft) for r in rows
+                       if parse_label(r.label).is_ptq}, key=lambda f: (f[1], f[0]))
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r.model == model]
+        series: dict[tuple, list[tuple[int, float]]] = {}
+        for r in mine:
+            p = parse_label(r.label)
+            if p.is_ptq:
+                series.setdefault((p.family, p.no_sft, p.qlora), []).append((r.bits or p.bits, r.metrics[metric]))
+        for (family, no_sft, qlora), points in sorted(series.items()):
+            points.sort()
+            name = family + ("+QLoRA" if qlora else "") + (" (no SFT)" if no_sft else "")
+            ax.plot([b for b, _ in points], [v for _, v in points], color=colors(families.index((family, no_sft)) % 10),
+                    ls="--" if qlora else "-", marker="s" if no_sft else "o", label=name)
+        sft = next((r for r in mine if r.label == "SFT-16bit"), None)
+        if sft is not None:
+            ax.axhline(sft.metrics[metric], color="grey", ls=":", label="SFT-16bit")
+        widths = sorted({b for pts in series.values() for b, _ in pts})
+        ax.set_xticks(widths, [str(b) for b in widths])
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel(_TITLES.get(metric, metric))
+        ax.set_title(f"{model} / {task}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{task}: {_TITLES.get(metric, metric)} by bit width")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +168,9 @@ def write_plots(rows: list[EvalRow], out_dir: Path, metric_for_generation: str =
     paths = []
     for task in ordered_tasks({r.task for r in rows}, tasks):
         made = plot_task_bars(rows, task, out_dir / f"bars_{_slug(task)}.png", metric_for_generation)
+        if made:
+            paths.append(made)
+        made = plot_bits(rows, task, out_dir / f"bits_{_slug(task)}.png", metric_for_generation)
         if made:
             paths.append(made)
     for group in comparison_sets(rows):

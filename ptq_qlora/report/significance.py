@@ -7,6 +7,8 @@ Two levels:
   ROUGE scores) of PTQ vs PTQ+QLoRA paired over every (model, task, PTQ method) cell available.
 
 Comparisons: PTQ+QLoRA vs PTQ, PTQ+QLoRA vs SFT-16bit, PTQ vs SFT-16bit (the paper tests all three);
+for the no-SFT ablation also its PTQ+QLoRA and PTQ vs those of SFT -> PTQ -> QLoRA (SFT→PTQ+QLoRA,
+SFT→PTQ) with the same quantizer; across cells the ablation is tested apart from the paper's cells.
 `mean_difference` is mean(A - B), so a positive value favours A.
 
 Small samples: with fewer than 6 non-zero pairs the exact two-sided test cannot reach p <= 0.05
@@ -25,12 +27,16 @@ from pathlib import Path
 
 from ptq_qlora.metrics.significance import paired_wilcoxon
 from ptq_qlora.report.collect import EvalRow
-from ptq_qlora.report.table import COLUMNS, PRIMARY, ordered_models, ordered_tasks
+from ptq_qlora.point_labels import parse as parse_label
+from ptq_qlora.point_labels import qlora_label
+from ptq_qlora.report.table import COLUMNS, PRIMARY, ordered_models, ordered_tasks, point_sort_key
 
 ALPHA = 0.05
 MIN_PAIRS_FOR_ALPHA = 6  # fewest non-zero pairs with which a two-sided exact test reaches p <= 0.05
 EXACT_UP_TO = 13  # non-zero pairs enumerated exactly (2**13 sign assignments)
-COMPARISONS = (("PTQ+QLoRA", "PTQ"), ("PTQ+QLoRA", "SFT-16bit"), ("PTQ", "SFT-16bit"))
+COMPARISONS = (("PTQ+QLoRA", "PTQ"), ("PTQ+QLoRA", "SFT-16bit"), ("PTQ", "SFT-16bit"),
+               # the no-SFT ablation against the paper's recipe (absent, so skipped, for SFT-based sets)
+               ("PTQ+QLoRA", "SFT→PTQ+QLoRA"), ("PTQ", "SFT→PTQ"))
 SFT = "SFT-16bit"
 
 
@@ -103,8 +109,10 @@ def wilcoxon_summary(scores_a: list[float], scores_b: list[float]) -> dict:
 
 # ------------------------------------------------------------------------------------ grouping
 def comparison_sets(rows: list[EvalRow]) -> list[dict]:
-    """For every (model, task, PTQ label): {"model", "task", "kind", "method", "PTQ", "PTQ+QLoRA",
-    "SFT-16bit"} (rows or None). PTQ points pair with `<label>+QLoRA` of the same model and task."""
+    """For every (model, task, PTQ label): {"model", "task", "kind", "method", "no_sft", "PTQ",
+    "PTQ+QLoRA", "SFT-16bit", "SFT→PTQ", "SFT→PTQ+QLoRA"} (rows or None). A PTQ point pairs with its
+    QLoRA point of the same model and task; a no-SFT set also holds the SFT-based points of the same
+    quantizer (for the ablation's comparisons), an SFT-based set has None there."""
     by_cell: dict[tuple, dict[str, EvalRow]] = {}
     for r in rows:
         by_cell.setdefault((r.model, r.task), {})[r.label] = r
@@ -112,14 +120,17 @@ def comparison_sets(rows: list[EvalRow]) -> list[dict]:
     for model in ordered_models({m for m, _ in by_cell}):
         for task in ordered_tasks({t for m, t in by_cell if m == model}):
             labels = by_cell[(model, task)]
-            ptq_labels = sorted(l for l in labels if l.startswith("PTQ-") and not l.endswith("+QLoRA"))
-            ptq_labels += sorted(l.removesuffix("+QLoRA") for l in labels
-                                 if l.endswith("+QLoRA") and l.removesuffix("+QLoRA") not in labels)
+            parsed = [parse_label(label) for label in labels]
+            ptq_labels = sorted({p.ptq for p in parsed if p.is_ptq or p.core.startswith("PTQ-")}, key=point_sort_key)
             for ptq in ptq_labels:
-                any_row = labels.get(ptq) or labels.get(f"{ptq}+QLoRA")
+                point = parse_label(ptq)
+                qlora = qlora_label(ptq)
+                any_row = labels.get(ptq) or labels.get(qlora)
                 sets.append({"model": model, "task": task, "kind": any_row.kind, "method": ptq,
-                             "PTQ": labels.get(ptq), "PTQ+QLoRA": labels.get(f"{ptq}+QLoRA"),
-                             "SFT-16bit": labels.get(SFT)})
+                             "no_sft": point.no_sft, "PTQ": labels.get(ptq), "PTQ+QLoRA": labels.get(qlora),
+                             "SFT-16bit": labels.get(SFT),
+                             "SFT→PTQ": labels.get(point.core) if point.no_sft else None,
+                             "SFT→PTQ+QLoRA": labels.get(qlora_label(point.core)) if point.no_sft else None})
     return sets
 
 
@@ -189,8 +200,9 @@ def cell_tests(rows: list[EvalRow], metric_for_generation: str = "rougeL") -> li
     """Across (model, task, method) cells of one task kind, as in the paper's section 4.3."""
     sets = comparison_sets(rows)
     out = []
-    for kind in ("classification", "generation"):
-        kind_sets = [s for s in sets if s["kind"] == kind]
+    # the paper's test over SFT-based cells; the no-SFT ablation's cells are tested on their own
+    for kind, no_sft in itertools.product(("classification", "generation"), (False, True)):
+        kind_sets = [s for s in sets if s["kind"] == kind and s["no_sft"] == no_sft]
         if not kind_sets:
             continue
         for a_name, b_name in COMPARISONS:
@@ -200,7 +212,8 @@ def cell_tests(rows: list[EvalRow], metric_for_generation: str = "rougeL") -> li
                          and metric in s[a_name].metrics and metric in s[b_name].metrics]
                 if not pairs:
                     continue
-                record = {"level": "cells", "model": "all", "task": f"{kind} tasks", "method": "all",
+                tasks = f"{kind} tasks" + (" (no SFT)" if no_sft else "")
+                record = {"level": "cells", "model": "all", "task": tasks, "method": "all",
                           "a": a_name, "b": b_name, "metric": metric,
                           "cells": "; ".join(f"{s['model']}/{s['task']}/{s['method']}" for *_, s in pairs)}
                 out.append({**record, **wilcoxon_summary([p[0] for p in pairs], [p[1] for p in pairs])})

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ptq_qlora.point_labels import parse as parse_label
+from ptq_qlora.point_labels import ptq_label, qlora_label
 from ptq_qlora.runstore import COMPLETED, META, lineage_of
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -24,6 +26,16 @@ QUANTIZERS = {
     "bnb": {"name": "bnb-nf4", "method": "bnb", "label": "PTQ-BNB-4bit", "bits": 4, "quant_type": "nf4"},
     "gptq": {"name": "gptq-4bit", "method": "gptq", "label": "PTQ-GPTQ-4bit", "bits": 4, "group_size": 128},
 }
+
+
+def gptq_quantizer(bits: int) -> dict:
+    """The resolved conf/quantizer/gptq-<bits>bit config (the parts the report reads)."""
+    return {**QUANTIZERS["gptq"], "name": f"gptq-{bits}bit", "label": f"PTQ-GPTQ-{bits}bit", "bits": bits}
+
+
+def bnb_quantizer(quant_type: str) -> dict:
+    label = "PTQ-BNB-4bit" if quant_type == "nf4" else f"PTQ-BNB-{quant_type.upper()}-4bit"
+    return {**QUANTIZERS["bnb"], "name": f"bnb-{quant_type}", "label": label, "quant_type": quant_type}
 TASKS = {"bitext": "classification", "dialogsum": "generation"}
 
 
@@ -74,8 +86,12 @@ def write_eval(store: Path, model_ref: dict, task: str, predictions: list[dict],
     return folder
 
 
-def write_chain(store: Path, model: str, methods=("bnb", "gptq"), finished_at: float = 1.7e9) -> dict[str, dict]:
-    """base -> sft -> ptq-<method> -> qlora stage folders for `model`; returns label -> model ref."""
+def write_chain(store: Path, model: str, methods=("bnb", "gptq"), finished_at: float = 1.7e9,
+                quantizers: list[dict] | None = None, no_sft: list[dict] = ()) -> dict[str, dict]:
+    """base -> sft -> ptq -> qlora stage folders for `model`, one PTQ (+QLoRA) per quantizer
+    (`quantizers`, default: the 4-bit config of each of `methods`), and for each of `no_sft` the
+    ablation's base -> ptq -> qlora (labels marked "(no SFT)", the PTQ meta naming the model as
+    the stage writes it). Returns label -> model ref."""
     base = ref("base", "base", lineage_of(None, model=model), model_path=f"/cache/{model}")
     sft_lin = lineage_of(base["lineage"], stage="sft")
     sft = ref("sft", "SFT-16bit", sft_lin)
@@ -83,15 +99,18 @@ def write_chain(store: Path, model: str, methods=("bnb", "gptq"), finished_at: f
                                         "config": {"model": {"name": model, "notes": f"synthetic {model}"}}},
                 finished_at)
     refs = {"base": base, "SFT-16bit": sft}
-    for method in methods:
-        quantizer = QUANTIZERS[method]
-        ptq_lin = lineage_of(sft_lin, stage="ptq", quantizer=quantizer)
-        ptq = ref("ptq", quantizer["label"], ptq_lin, quantizer)
-        write_stage(store, "ptq", ptq_lin, {"parent": sft, "quantizer": quantizer}, finished_at)
+    chains = [(sft, q) for q in (quantizers if quantizers is not None else [QUANTIZERS[m] for m in methods])]
+    chains += [(base, q) for q in no_sft]
+    for parent, quantizer in chains:
+        from_base = parent["point"] == "base"
+        ptq_lin = lineage_of(parent["lineage"], stage="ptq", quantizer=quantizer)
+        ptq = ref("ptq", ptq_label(quantizer["label"], from_base), ptq_lin, quantizer)
+        meta = {"parent": parent, "quantizer": quantizer, **({"model_name": model} if from_base else {})}
+        write_stage(store, "ptq", ptq_lin, meta, finished_at)
         qlora_lin = lineage_of(ptq_lin, stage="qlora")
         write_stage(store, "qlora", qlora_lin, {"parent": ptq, "train": {"lr": 2e-4}}, finished_at)
         refs[ptq["label"]] = ptq
-        refs[f"{ptq['label']}+QLoRA"] = ref("qlora", f"{ptq['label']}+QLoRA", qlora_lin, quantizer)
+        refs[qlora_label(ptq["label"])] = ref("qlora", qlora_label(ptq["label"]), qlora_lin, quantizer)
     return refs
 
 
@@ -111,6 +130,22 @@ def generation_rows(task: str, level: float, n: int, rng: random.Random) -> list
 # accuracy / ROUGE-L level per point: PTQ a little below SFT, QLoRA above PTQ
 LEVELS = {"base": 0.1, "SFT-16bit": 0.7, "PTQ-BNB-4bit": 0.62, "PTQ-BNB-4bit+QLoRA": 0.78,
           "PTQ-GPTQ-4bit": 0.6, "PTQ-GPTQ-4bit+QLoRA": 0.75}
+# other widths / formats: the 4-bit level of the method moved by the width (fewer bits, lower),
+# QLoRA's gain growing as the PTQ loss grows; the no-SFT ablation well below the SFT-based chain
+BITS_SHIFT = {2: -0.35, 3: -0.12, 4: 0.0, 8: 0.06}
+
+
+def level(label: str) -> float:
+    if label in LEVELS:
+        return LEVELS[label]
+    p = parse_label(label)
+    four_bit = f"PTQ-{p.method}-4bit"
+    value = LEVELS.get(four_bit, 0.6) + BITS_SHIFT.get(p.bits, 0.0) - (0.02 if p.variant else 0.0)
+    if p.qlora:
+        value += 0.15 - 0.5 * BITS_SHIFT.get(p.bits, 0.0)
+    if p.no_sft:
+        value -= 0.25
+    return min(0.95, max(0.05, value))
 
 
 @dataclass
@@ -127,25 +162,30 @@ class SyntheticStore:
 
 def build_synthetic_store(root: str | Path, models=("smollm2-135m", "tiny-random"), tasks=("bitext", "dialogsum"),
                           n_examples: int = 40, seed: int = 0, with_base: bool = True,
-                          with_noise: bool = True) -> SyntheticStore:
-    """Chains for `models`, evaluated at every point on every task. `with_noise` adds an older
-    duplicate of one evaluation, a `.partial-eval-*` folder, an eval folder without the `completed`
-    marker and one with a broken metrics.json."""
+                          with_noise: bool = True, gptq_bits=(4,), bnb_quant_types=("nf4",),
+                          no_sft_methods=()) -> SyntheticStore:
+    """Chains for `models`, evaluated at every point on every task: GPTQ at each of `gptq_bits`,
+    bnb at each of `bnb_quant_types`, and the no-SFT ablation for each of `no_sft_methods` (its
+    4-bit default quantizer). `with_noise` adds an older duplicate of one evaluation, a
+    `.partial-eval-*` folder, an eval folder without the `completed` marker and one with a broken
+    metrics.json."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     info = SyntheticStore(root, list(models), list(tasks), {})
     t0 = 1.7e9
     for m_index, model in enumerate(models):
-        refs = info.refs[model] = write_chain(root, model, finished_at=t0)
+        quantizers = [bnb_quantizer(t) for t in bnb_quant_types] + [gptq_quantizer(b) for b in gptq_bits]
+        refs = info.refs[model] = write_chain(root, model, finished_at=t0, quantizers=quantizers,
+                                              no_sft=[QUANTIZERS[m] for m in no_sft_methods])
         for task in tasks:
             kind = TASKS.get(task, "classification")
             for label, model_ref in refs.items():
                 if label == "base" and not with_base:
                     continue
-                level = LEVELS[label] - 0.05 * m_index
+                value = level(label) - 0.05 * m_index
                 make = classification_rows if kind == "classification" else generation_rows
-                rows = make(task, level, n_examples, rng)
+                rows = make(task, value, n_examples, rng)
                 info.evals[(model, label, task)] = write_eval(root, model_ref, task, rows, kind=kind,
                                                               finished_at=t0 + 100 + len(info.evals))
     if with_noise:

@@ -1,4 +1,5 @@
-"""Stage 2: 4-bit post-training quantization of the SFT model (bnb NF4 or GPTQ)."""
+"""Stage 2: post-training quantization of the SFT model (bnb NF4/FP4, GPTQ 2/3/4/8-bit), or of the
+base model in the no-SFT ablation."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from ptq_qlora.models.loading import load_tokenizer
 from ptq_qlora.models.prompting import render_prompt
+from ptq_qlora.point_labels import ptq_label
 from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import ptq_lineage
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
@@ -39,11 +41,15 @@ def run_ptq(ctx: JobContext, parent: ModelRef) -> ModelRef:
     tokenizer = load_tokenizer(parent.model_path)
     texts = calibration_texts(ctx, tokenizer, int(qcfg.get("calibration_samples") or 0))
     qplain = OmegaConf.to_container(qcfg, resolve=True)
-    with ctx.store.writing("ptq", lineage, {"parent": parent.to_json(), "quantizer": qplain}, force=cfg.force) as out:
+    meta = {"parent": parent.to_json(), "quantizer": qplain}
+    from_base = parent.point == "base"  # the no-SFT ablation (stage.skip_sft): the base model quantized
+    if from_base:
+        meta["model_name"] = cfg.model.name  # no SFT stage upstream to name the model for the report
+    with ctx.store.writing("ptq", lineage, meta, force=cfg.force) as out:
         # quantize() validates the source, group sizes and calibration count before long work
         stats = quantize(qcfg, parent.model_path, out / "model", tokenizer, texts, compute_dtype=cfg.hardware.dtype)
         (out / "metrics.json").write_text(json.dumps(stats, indent=2, default=str))
-        save_ref(out, ModelRef("ptq", qcfg.label, lineage, "model", quantizer=qplain))
+        save_ref(out, ModelRef("ptq", ptq_label(qcfg.label, from_base), lineage, "model", quantizer=qplain))
     ctx.log_metrics({k: v for k, v in stats.items() if isinstance(v, (int, float))}, prefix="ptq")
     ctx.log_stage_artifact("ptq", lineage, ctx.store.final_dir("ptq", lineage), parents=[parent])
     return ref_from_stage_folder(ctx.store.find("ptq", lineage))

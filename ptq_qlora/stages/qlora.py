@@ -8,6 +8,7 @@ import os
 
 from ptq_qlora import distributed
 from ptq_qlora.models.loading import load_tokenizer
+from ptq_qlora.point_labels import qlora_label
 from ptq_qlora.stages.context import JobContext, reuse_completed
 from ptq_qlora.stages.lineage import qlora_lineage, train_settings
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
@@ -59,7 +60,7 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         ctx.store.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         base_rel = os.path.relpath(parent.model_path, ctx.store.final_dir("qlora", lineage))
-        save_ref(out, ModelRef("qlora", f"{parent.label}+QLoRA", lineage, base_rel,
+        save_ref(out, ModelRef("qlora", qlora_label(parent.label), lineage, base_rel,
                                quantizer=parent.quantizer, adapter_path="adapter"))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, prefix="qlora/train")
     ctx.log_stage_artifact("qlora", lineage, ctx.store.final_dir("qlora", lineage), parents=[parent])

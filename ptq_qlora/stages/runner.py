@@ -1,5 +1,6 @@
 """One job: run the chain base -> sft -> ptq -> qlora up to `stage.target` (reusing completed
-stages by lineage), evaluate the requested points, print and save the table."""
+stages by lineage), evaluate the requested points, print and save the table. `stage.skip_sft`
+drops the SFT step (base -> ptq -> qlora: the no-SFT ablation)."""
 from __future__ import annotations
 
 import json
@@ -46,11 +47,13 @@ def start_ref(cfg) -> ModelRef:
     return ModelRef("input", "input", base_lineage(cfg, source=str(Path(path).resolve()) if Path(path).exists() else path), path)
 
 
-def steps_to_run(target: str | None, start: ModelRef) -> list[str]:
+def steps_to_run(target: str | None, start: ModelRef, skip_sft: bool = False) -> list[str]:
     if target is None:
         return []
     if target not in CHAIN:
         raise ValueError(f"unknown stage target {target!r}; known: {', '.join(CHAIN)}")
+    if skip_sft:
+        return _steps_without_sft(target, start)
     if start.point in CHAIN:
         first = CHAIN.index(start.point) + 1
     elif start.point == "input" and target != "sft":
@@ -61,6 +64,16 @@ def steps_to_run(target: str | None, start: ModelRef) -> list[str]:
     if not steps and start.point != target:
         raise ValueError(f"stage.input is a {start.point} run, which comes after {target}; nothing to do")
     return steps
+
+
+def _steps_without_sft(target: str, start: ModelRef) -> list[str]:
+    """The no-SFT ablation: PTQ (and QLoRA) of the model config's base weights."""
+    if start.point != "base":
+        raise ValueError(f"stage.skip_sft=true quantizes the model config's base weights, but stage.input "
+                         f"names a {start.point} model; drop stage.input (or stage.skip_sft)")
+    if target == "sft":
+        raise ValueError("stage.skip_sft=true with stage.target=sft leaves nothing to run; use target ptq or qlora")
+    return list(CHAIN[CHAIN.index("ptq") : CHAIN.index(target) + 1])
 
 
 def check_quantizer_early(ctx: JobContext, start: ModelRef) -> None:
@@ -79,7 +92,7 @@ def check_quantizer_early(ctx: JobContext, start: ModelRef) -> None:
 def run_job(cfg, tracker=None) -> dict:
     set_seed(cfg.seed)
     start = start_ref(cfg)
-    steps = steps_to_run(cfg.stage.target, start)
+    steps = steps_to_run(cfg.stage.target, start, skip_sft=cfg.stage.skip_sft)
     data = load_task_data(cfg.task, cfg.data, tokenizer=load_tokenizer(start.model_path))
     log.info("task %s: %s", cfg.task.name, json.dumps(data.stats, default=str))
     ctx = JobContext(cfg, RunStore(cfg.paths.store), data, tracker)
