@@ -17,6 +17,18 @@ KINDS = ("classification", "generation")
 
 
 @dataclass
+class AlignScoreConfig:
+    """AlignScore factual consistency of generation outputs (ptq_qlora/metrics/alignscore.py).
+    Off unless `checkpoint` names an AlignScore .ckpt (AlignScore-base/large from the Hub repo
+    yzha/AlignScore); then each prediction is scored against the task's input text."""
+
+    checkpoint: Optional[str] = None
+    backbone: Optional[str] = None  # None: the checkpoint's own (roberta-base / roberta-large)
+    batch_size: int = 32
+    device: Optional[str] = None  # None: the hardware profile's device
+
+
+@dataclass
 class TaskConfig:
     name: str = "???"
     kind: str = "???"  # classification | generation
@@ -57,6 +69,8 @@ class TaskConfig:
     # `metrics` and `max_new_tokens` may interpolate (`${.kind_defaults.${.kind}.metrics}`), so one
     # `task.kind=generation` switches them together. Unused by the paper's tasks.
     kind_defaults: Optional[dict] = None
+    # Scoring setting, not data: left out of every stage's data lineage (ptq_qlora/stages/lineage.py).
+    alignscore: AlignScoreConfig = field(default_factory=AlignScoreConfig)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Two levels:
 - per example: two evaluations of the same model and task, paired by example `id` (classification:
-  `correct` 0/1; generation: ROUGE-L by default);
+  `correct` 0/1; generation: ROUGE-L by default, and AlignScore too where both evaluations have it);
 - across cells, as the paper did: the cell-level primary metric (F1-micro / ROUGE-L, and the other
   ROUGE scores) of PTQ vs PTQ+QLoRA paired over every (model, task, PTQ method) cell available.
 
@@ -38,6 +38,7 @@ COMPARISONS = (("PTQ+QLoRA", "PTQ"), ("PTQ+QLoRA", "SFT-16bit"), ("PTQ", "SFT-16
                # the no-SFT ablation against the paper's recipe (absent, so skipped, for SFT-based sets)
                ("PTQ+QLoRA", "SFT→PTQ+QLoRA"), ("PTQ", "SFT→PTQ"))
 SFT = "SFT-16bit"
+ALIGNSCORE = "alignscore"  # per-example key in predictions.jsonl when the eval scored it
 
 
 # ------------------------------------------------------------------------------------ the test
@@ -160,32 +161,44 @@ def aligned_scores(a: EvalRow, b: EvalRow, key: str) -> tuple[list, list[float],
 
 
 # ------------------------------------------------------------------------------------ tests
+def per_example_keys(kind: str, a: EvalRow, b: EvalRow, metric_for_generation: str = "rougeL") -> list[str]:
+    """The per-example scores to test: the kind's own, plus AlignScore when both sides computed it."""
+    key = per_example_key(kind, metric_for_generation)
+    if key is None:
+        return []
+    extra = [ALIGNSCORE] if kind == "generation" and key != ALIGNSCORE and all(
+        ALIGNSCORE in r.metrics for r in (a, b)) else []
+    return [key, *extra]
+
+
 def per_example_tests(rows: list[EvalRow], metric_for_generation: str = "rougeL") -> list[dict]:
     out = []
     for group in comparison_sets(rows):
-        key = per_example_key(group["kind"], metric_for_generation)
         for a_name, b_name in COMPARISONS:
             a, b = group[a_name], group[b_name]
-            if a is None or b is None or key is None:
+            if a is None or b is None:
                 continue
-            record = {"level": "per-example", "model": group["model"], "task": group["task"],
-                      "method": group["method"], "a": a.label, "b": b.label, "metric": key}
-            if a.predictions is None or b.predictions is None:
-                out.append({**record, "note": "no predictions.jsonl for one side"})
-                continue
-            try:
-                ids, sa, sb, unmatched = aligned_scores(a, b, key)
-                if not ids:
-                    raise ValueError("no example ids in common")
-                result = wilcoxon_summary(sa, sb)
-            except (OSError, ValueError, KeyError) as err:
-                out.append({**record, "note": f"not tested: {err}"})
-                continue
-            if unmatched:
-                left_out = f"{unmatched} id(s) only on one side, left out"
-                result["note"] = "; ".join(filter(None, [left_out, result["note"]]))
-            out.append({**record, **result})
+            for key in per_example_keys(group["kind"], a, b, metric_for_generation):
+                out.append(_per_example_test(group, a, b, key))
     return out
+
+
+def _per_example_test(group: dict, a: EvalRow, b: EvalRow, key: str) -> dict:
+    record = {"level": "per-example", "model": group["model"], "task": group["task"],
+              "method": group["method"], "a": a.label, "b": b.label, "metric": key}
+    if a.predictions is None or b.predictions is None:
+        return {**record, "note": "no predictions.jsonl for one side"}
+    try:
+        ids, sa, sb, unmatched = aligned_scores(a, b, key)
+        if not ids:
+            raise ValueError("no example ids in common")
+        result = wilcoxon_summary(sa, sb)
+    except (OSError, ValueError, KeyError) as err:
+        return {**record, "note": f"not tested: {err}"}
+    if unmatched:
+        left_out = f"{unmatched} id(s) only on one side, left out"
+        result["note"] = "; ".join(filter(None, [left_out, result["note"]]))
+    return {**record, **result}
 
 
 def cell_metrics(kind: str, metric_for_generation: str = "rougeL") -> list[str]:

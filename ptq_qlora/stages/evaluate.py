@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ptq_qlora import distributed
 from ptq_qlora.generation import generate_batched
-from ptq_qlora.metrics import compute_metrics
+from ptq_qlora.metrics import alignscore, compute_metrics
 from ptq_qlora.models.prompting import completion_suffix, render_prompt
 from ptq_qlora.provenance import provenance
 from ptq_qlora.stages.context import JobContext
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
     """Evaluate `ref` on the task's eval split; returns the metrics dict (reused if stored)."""
     cfg = ctx.cfg
+    alignscore_settings = alignscore.settings_of(cfg.task)  # None unless a checkpoint is set; checks it exists
     lineage = eval_lineage(cfg, ref.lineage)
     found = None if cfg.force else ctx.store.find("eval", lineage)
     if found:
@@ -34,6 +35,11 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
     max_new_tokens = cfg.eval.max_new_tokens or cfg.task.max_new_tokens
     batch_size = cfg.eval.batch_size or cfg.hardware.eval_batch_size
     with ctx.store.writing("eval", lineage, {"model": ref.to_json()}, force=cfg.force) as out:
+        # loaded before generation (on CPU), so a bad checkpoint or a missing backbone fails now
+        scorer = None
+        if alignscore_settings and distributed.is_main_process():
+            scorer = alignscore.load_alignscore(alignscore_settings["checkpoint"], alignscore_settings["backbone"],
+                                                alignscore_settings["batch_size"])
         model, tokenizer = load_for_inference(cfg, ref)
         if cfg.hardware.device == "cuda" and not ref.quantized:  # 4-bit loads are placed by device_map
             model.to(distributed.local_device())
@@ -54,6 +60,8 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
         if distributed.is_main_process():  # rank 0 scores and writes; the others get its metrics
             references = list(split["reference"])
             summary, per_example = compute_metrics(ctx.data.kind, predictions, references, ctx.data.labels)
+            if scorer is not None:
+                summary.update(_alignscore(cfg, scorer, alignscore_settings, split["prompt"], predictions, per_example))
             with open(out / "predictions.jsonl", "w") as f:
                 for row_id, pred, gold, scores in zip(split["id"], predictions, references, per_example):
                     f.write(json.dumps({"id": row_id, "prediction": pred, "reference": gold, **scores}) + "\n")
@@ -73,6 +81,19 @@ def run_eval(ctx: JobContext, ref: ModelRef) -> dict:
         summary, metrics = distributed.broadcast_object((summary, metrics))
     _track(ctx, ref, lineage, ctx.store.final_dir("eval", lineage), metrics, reused=False)
     return metrics
+
+
+def _alignscore(cfg, scorer, settings: dict, prompts, predictions: list[str], per_example: list[dict]) -> dict:
+    """Each prediction's AlignScore against its task input (the dialogue), into `per_example`;
+    returns the summary entries."""
+    device = settings["device"] or (distributed.local_device() if cfg.hardware.device == "cuda" else "cpu")
+    contexts = [alignscore.context_from_prompt(cfg.task.prompt_template, p) for p in prompts]
+    started = time.time()
+    summary, scores = alignscore.score_predictions(scorer.to(device), contexts, predictions)
+    summary["alignscore_setup"]["seconds"] = time.time() - started
+    for row, score in zip(per_example, scores):
+        row["alignscore"] = score
+    return summary
 
 
 def _track(ctx: JobContext, ref: ModelRef, lineage: str, folder, metrics: dict, reused: bool) -> None:

@@ -9,6 +9,8 @@ from ptq_qlora.runstore import lineage_of
 
 # data settings that select where rows come from, not which rows: not part of the lineage
 _DATA_LOCATION_KEYS = ("local_dir", "source")
+# task settings that score outputs, not shape data or models: only the eval lineage sees them
+_TASK_SCORING_KEYS = ("alignscore",)
 # quantizer settings that only change how a checkpoint is loaded or checked, not its weights
 _QUANTIZER_LOADING_KEYS = ("verify_reload", "backend_eval", "backend_train", "cpu_packed_eval")
 
@@ -24,7 +26,8 @@ def _set_values(node: dict) -> dict:
 
 def data_identity(cfg) -> dict:
     data = {k: v for k, v in _plain(cfg.data).items() if k not in _DATA_LOCATION_KEYS}
-    return {"task": _set_values(_plain(cfg.task)), "data": _set_values(data)}
+    task = {k: v for k, v in _plain(cfg.task).items() if k not in _TASK_SCORING_KEYS}
+    return {"task": _set_values(task), "data": _set_values(data)}
 
 
 def prompt_identity(cfg) -> dict:
@@ -84,4 +87,17 @@ def eval_lineage(cfg, parent: str) -> str:
     return lineage_of(
         parent, stage="eval", **data_identity(cfg), prompt=prompt_identity(cfg),
         split=cfg.eval.split, max_new_tokens=cfg.eval.max_new_tokens, dtype=cfg.hardware.dtype,
+        **_alignscore_identity(cfg),
     )
+
+
+def _alignscore_identity(cfg) -> dict:
+    """{"alignscore": which checkpoint (and backbone, if set)} when it scores, else nothing, so an
+    unscored eval keeps the lineage it had before the option existed."""
+    node = cfg.task.get("alignscore")
+    if node is None or node.get("checkpoint") in (None, ""):
+        return {}
+    from ptq_qlora.metrics.alignscore import MODE, checkpoint_identity
+
+    return {"alignscore": _set_values({"checkpoint": checkpoint_identity(node.checkpoint),
+                                       "backbone": node.get("backbone"), "mode": MODE})}
