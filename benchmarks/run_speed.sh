@@ -5,7 +5,8 @@
 # packed, eval generation batched vs batch 1, activation offload, HF + Liger), then the table.
 # Carried: .site-speed (wheels: transformers 5.23, trl 1.16, datasets, peft 0.21.2, bitsandbytes
 # 0.50.2 pruned to its CUDA 13.0 library, liger-kernel 0.8.5, hydra/omegaconf; lengths.json).
-# ONLY=extra runs the second call's work instead: the other 7B shapes (fewer layers) and full SFT 1.1B.
+# ONLY=recheck: the second call (check with its noise floor, real data and fixed shape after the
+# fixed-width fix). ONLY=extra: the other 7B shapes (8 layers) and full SFT of a 1.1B shape (not run).
 set -u
 OUT=${OUT:-$PWD/bench_out}; mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -21,7 +22,12 @@ R=$OUT/results.jsonl
 S="python3 benchmarks/qlora_speed.py"
 shm() { [ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -gt "$1" ] 2>/dev/null && echo /dev/shm || echo /tmp; }
 B=$(shm 24)
-if [ "${ONLY:-}" = extra ]; then
+if [ "${ONLY:-}" = recheck ]; then  # the second call: fixed-width packed batches, check with its noise floor
+  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  timeout 120 $S run --dir $B/llama2 --arch llama2 --budget-s 70 --modes check,real,project --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
     timeout 120 $S run --dir $B/$arch --arch $arch --modes hf,project --out "$R" 2>&1 > "$OUT/log_$arch.txt"

@@ -250,9 +250,10 @@ def train_tokenized(
     if speed_option(hardware, "padding_free"):
         from ptq_qlora.packing import PackedRowsCollator
 
-        train_ds = prepare_padding_free(train_ds, speed_option(hardware, "pack_length", 2048), max_length)
+        pack_length = int(speed_option(hardware, "pack_length", 2048))
+        train_ds = prepare_padding_free(train_ds, pack_length, max_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        collator = PackedRowsCollator(pad_id)
+        collator = PackedRowsCollator(pad_id, width=pack_length)
         max_length = None  # examples are truncated above; TRL would cut packed rows
         log.info("padding-free: %d examples packed into %d rows of <= %s tokens", examples, len(train_ds),
                  speed_option(hardware, "pack_length", 2048))

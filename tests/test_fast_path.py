@@ -177,3 +177,9 @@ def test_train_tokenized_padding_free_on_cpu(tmp_path, monkeypatch):
     assert max(max(row) for row in seen) > 1  # rows hold several examples, seq_lengths reached the collator
     assert all(torch.isfinite(torch.tensor(metrics["loss_curve"])))
     assert metrics["train_tokens_seen"] == sum(len(r["input_ids"][:64]) for r in rows)
+
+
+def test_collator_pads_to_fixed_width_unless_a_row_is_longer():
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "seq_lengths": [3]}]
+    assert PackedRowsCollator(PAD, width=8)(rows)["input_ids"].shape == (1, 8)
+    assert PackedRowsCollator(PAD, width=2)(rows)["input_ids"].shape == (1, 3)
