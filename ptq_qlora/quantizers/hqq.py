@@ -15,7 +15,9 @@ As a PTQ method of its own this is data-free HQQ quantization (hqq's half-quadra
 """
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,18 @@ def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts
         for name, width in quantized_linear_widths(src_dir).items():
             if width % qcfg.group_size:
                 raise ValueError(f"HQQ group_size {qcfg.group_size} does not divide layer {name} input width {width}")
+
+
+@contextmanager
+def quick_gc():
+    """hqq calls gc.collect() after each patching pass; in a large process (a test session, a job
+    holding a model) each full collection takes ~0.7 s. Objects that exist before the call are frozen
+    out of those collections, which then only scan what hqq itself allocates."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def device_of(device_map) -> str:
@@ -75,8 +89,9 @@ def _quantize(qcfg, src_dir: Path, out_dir: Path, tokenizer, calibration_texts, 
     device = device_of(default_device_map())
     model = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=compute_dtype)
     group_size = None if qcfg.group_size == -1 else qcfg.group_size
-    AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=qcfg.bits, group_size=group_size, axis=1),
-                                  compute_dtype=compute_dtype, device=device)
+    with quick_gc():
+        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=qcfg.bits, group_size=group_size,
+                                      axis=1), compute_dtype=compute_dtype, device=device)
     save_hqq(model, out_dir, compute_dtype)
     return model
 
@@ -89,7 +104,8 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
     if stored != compute_dtype:
         log.warning("HQQ checkpoint %s computes in %s (its scale/zero dtype), not the requested %s", path, stored,
                     compute_dtype)
-    model = AutoHQQHFModel.from_quantized(str(path), compute_dtype=stored, device=device_of(device_map))
+    with quick_gc():
+        model = AutoHQQHFModel.from_quantized(str(path), compute_dtype=stored, device=device_of(device_map))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # hqq loads each module's tensors separately
     if (Path(path) / "generation_config.json").exists():

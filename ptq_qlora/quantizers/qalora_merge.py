@@ -167,7 +167,47 @@ def merge_qalora(qcfg, base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: 
     return stats
 
 
+GPTQ_ROLES = {"qweight": "codes", "qzeros": "group_meta", "scales": "group_meta", "g_idx": "group_meta"}
+HQQ_ROLES = {"W_q": "codes", "scale": "group_meta", "zero": "group_meta"}
+
+
+def checkpoint_breakdown(folder: Path) -> dict[str, int]:
+    """Tensor bytes of a GPTQ (safetensors) or HQQ (qmodel.pt) checkpoint by role: `codes` (packed
+    low-bit weights), `group_meta` (per-group scale/zero, GPTQ's g_idx), `other` (embeddings, norms,
+    head); tied tensors count once. `file_bytes`: the weight files on disk (adds the container)."""
+    from safetensors import safe_open
+
+    from ptq_qlora.quantizers.hqq import WEIGHTS_FILE
+
+    sizes = {"codes": 0, "group_meta": 0, "other": 0}
+    folder = Path(folder)
+    if (folder / WEIGHTS_FILE).exists():
+        seen = set()
+        for tensors in torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True).values():
+            for key, value in tensors.items():
+                if torch.is_tensor(value) and value.untyped_storage().data_ptr() not in seen:
+                    seen.add(value.untyped_storage().data_ptr())
+                    sizes[HQQ_ROLES.get(key, "other")] += value.untyped_storage().nbytes()
+    else:
+        for path in weight_files(folder):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    t = f.get_slice(key)
+                    numel = 1
+                    for d in t.get_shape():
+                        numel *= d
+                    itemsize = torch.empty((), dtype=getattr(torch, _SAFETENSORS_DTYPES[t.get_dtype()])).element_size()
+                    sizes[GPTQ_ROLES.get(key.rsplit(".", 1)[-1], "other")] += numel * itemsize
+    sizes["file_bytes"] = disk_bytes(folder)
+    return sizes
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I32": "int32", "I64": "int64",
+                       "U8": "uint8", "I8": "int8", "I16": "int16", "F64": "float64", "BOOL": "bool"}
+
+
 def size_stats(ptq_dir: Path, merged_dir: Path) -> dict:
-    ptq, merged = disk_bytes(ptq_dir), disk_bytes(merged_dir)
-    return {"ptq_disk_bytes": ptq, "merged_disk_bytes": merged, "merged_over_ptq": round(merged / ptq, 4),
-            "merged_files": [p.name for p in weight_files(merged_dir)]}
+    ptq, merged = checkpoint_breakdown(ptq_dir), checkpoint_breakdown(merged_dir)
+    return {"ptq_disk_bytes": ptq["file_bytes"], "merged_disk_bytes": merged["file_bytes"],
+            "merged_over_ptq": round(merged["file_bytes"] / ptq["file_bytes"], 4),
+            "ptq_bytes_by_role": ptq, "merged_bytes_by_role": merged}

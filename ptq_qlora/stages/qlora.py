@@ -25,7 +25,8 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             "choose quantizer=bnb-nf4 or quantizer=gptq-4bit, or point stage.input at a PTQ run"
         )
     from ptq_qlora.adapters import attach_lora, parameter_counts
-    from ptq_qlora.quantizers import load_quantized
+    from ptq_qlora.adapters.qalora import attach_qalora
+    from ptq_qlora.quantizers import get_method, load_quantized
 
     lineage = qlora_lineage(cfg, parent.lineage)
     reused = reuse_completed(ctx, "qlora", lineage, parent, metrics_prefix="qlora/train")
@@ -40,8 +41,13 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         qcfg = OmegaConf.create(parent.quantizer)
         model = load_quantized(qcfg, parent.model_path, compute_dtype=cfg.hardware.dtype, for_training=True)
         tokenizer = load_tokenizer(parent.model_path)
-        model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
-                            gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        adapter = get_method(qcfg.method).adapter  # lora, or qa-lora (pooled over the GPTQ groups)
+        if adapter == "qa-lora":
+            model = attach_qalora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                                  group_size=qcfg.group_size, gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        else:
+            model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                                gradient_checkpointing=cfg.hardware.gradient_checkpointing)
         if distributed.strategy_for(cfg.hardware, peft=True) == "fsdp":
             from ptq_qlora.quantizers.bnb import use_float_quant_storage
             from ptq_qlora.quantizers.common import parse_dtype
@@ -60,7 +66,8 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         ctx.store.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         base_rel = os.path.relpath(parent.model_path, ctx.store.final_dir("qlora", lineage))
-        save_ref(out, ModelRef("qlora", qlora_label(parent.label), lineage, base_rel,
+        label = qlora_label(parent.label).replace("+QLoRA", "+QA-LoRA" if adapter == "qa-lora" else "+QLoRA")
+        save_ref(out, ModelRef("qlora", label, lineage, base_rel,
                                quantizer=parent.quantizer, adapter_path="adapter"))
     ctx.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, prefix="qlora/train")
     ctx.log_stage_artifact("qlora", lineage, ctx.store.final_dir("qlora", lineage), parents=[parent])

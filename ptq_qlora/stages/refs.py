@@ -11,7 +11,7 @@ from ptq_qlora.runstore import StageRecord
 
 @dataclass
 class ModelRef:
-    point: str  # base | sft | ptq | qlora | input
+    point: str  # base | sft | ptq | qlora | merge (QA-LoRA merged) | input
     label: str  # row name in reports: SFT-16bit, PTQ-BNB-4bit, PTQ-BNB-4bit+QLoRA, ...
     lineage: str
     model_path: str  # folder (or Hub id) of the weights, quantized ones for ptq/qlora

@@ -16,6 +16,7 @@ from ptq_qlora.runstore import RunStore, is_stage_folder, read_record
 from ptq_qlora.stages.context import JobContext
 from ptq_qlora.stages.evaluate import run_eval
 from ptq_qlora.stages.lineage import base_lineage
+from ptq_qlora.stages.merge import with_merge_point
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,12 @@ def run_job(cfg, tracker=None) -> dict:
     functions = _step_functions() if steps else {}
     for step in steps:
         previous = refs[step] = functions[step](ctx, previous)
+    if "qlora" in steps:
+        _merge_if_supported(ctx, refs)
 
     results = {}
     if cfg.eval.enabled:
-        for point in cfg.stage.eval_points:
+        for point in with_merge_point(cfg.stage.eval_points, refs):
             if point not in refs:
                 raise ValueError(f"eval point {point!r} is not produced by this job (has: {', '.join(refs)})")
             results[refs[point].label] = run_eval(ctx, refs[point])
@@ -130,6 +133,15 @@ def run_job(cfg, tracker=None) -> dict:
         print(table)
         (out_dir / "results.md").write_text(table + "\n")
     return summary
+
+
+def _merge_if_supported(ctx: JobContext, refs: dict) -> None:
+    """QA-LoRA: fold the trained adapter into the low-bit base (one-process work, like PTQ)."""
+    from ptq_qlora.distributed import main_process_only
+    from ptq_qlora.stages.merge import merge_method, run_merge
+
+    if merge_method(refs["qlora"]) is not None:
+        refs["merge"] = main_process_only(run_merge)(ctx, refs["qlora"])
 
 
 PRIMARY_METRIC = {"classification": "f1_micro", "generation": "rougeL"}
