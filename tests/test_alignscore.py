@@ -293,6 +293,17 @@ def test_missing_checkpoint_fails_before_generation(tmp_path, compose_cfg, monke
     assert not list((tmp_path / "runs").glob("*eval-*"))
 
 
+def test_missing_checkpoint_fails_before_training(tmp_path, compose_cfg, monkeypatch):
+    import ptq_qlora.stages.sft as sft
+    from ptq_qlora.stages.runner import run_job
+
+    monkeypatch.setattr(sft, "train_causal_lm", lambda *a, **k: pytest.fail("SFT started"))
+    cfg = compose_cfg(*TINY, "task=dialogsum", "stage=sft", f"task.alignscore.checkpoint={tmp_path / 'nope.ckpt'}")
+    cfg.paths.store = str(tmp_path / "runs")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_job(cfg)
+
+
 def test_checkpoint_on_a_classification_task_is_refused(tiny, compose_cfg):
     cfg = compose_cfg(*TINY, "task=bitext", f"task.alignscore.checkpoint={tiny.ckpt}")
     with pytest.raises(ValueError, match="AlignScore scores generated text"):

@@ -100,6 +100,10 @@ def run_job(cfg, tracker=None) -> dict:
 
     if "ptq" in steps:
         check_quantizer_early(ctx, start)
+    if cfg.eval.enabled and cfg.stage.eval_points:
+        from ptq_qlora.metrics import alignscore
+
+        alignscore.settings_of(cfg.task)  # a configured AlignScore checkpoint must exist before any training
     refs = {start.point: start, "input": start}
     if start.point == "input":
         refs["base"] = start
