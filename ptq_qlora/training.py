@@ -213,9 +213,23 @@ def train_causal_lm(
     rerun resumes from the newest one. With `save_dir`, the trained model (a PEFT model: its adapter)
     is saved there as a normal HF folder, also when it was sharded over several GPUs. Returns
     training metrics."""
+    _prepare_launch(model, hardware)  # before the (slow) tokenization: a wrong launch fails first
     train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
     return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, report_to=report_to,
                            max_length=max_length, run_name=run_name, save_dir=save_dir)
+
+
+def _prepare_launch(model, hardware) -> bool:
+    """Check the launch against the profile and forget a previous Trainer's FSDP; True for a PEFT model."""
+    distributed.check_world_size(hardware)
+    peft = hasattr(model, "peft_config")
+    if distributed.strategy_for(hardware, peft=peft) != "fsdp":
+        # Accelerate sets ACCELERATE_USE_FSDP=true for the rest of the process once a Trainer hands
+        # it an FSDP plugin (the pipeline's SFT stage on h200x2); a later DDP Trainer (QLoRA) would
+        # then get a default FSDP1 plugin from it and fail on the 4-bit base ("Cannot flatten
+        # integer dtype tensors"). The profile picks the strategy: forget the earlier one.
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+    return peft
 
 
 def train_tokenized(
@@ -237,14 +251,7 @@ def train_tokenized(
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    distributed.check_world_size(hardware)
-    peft = hasattr(model, "peft_config")
-    if distributed.strategy_for(hardware, peft=peft) != "fsdp":
-        # Accelerate sets ACCELERATE_USE_FSDP=true for the rest of the process once a Trainer hands
-        # it an FSDP plugin (the pipeline's SFT stage on h200x2); a later DDP Trainer (QLoRA) would
-        # then get a default FSDP1 plugin from it and fail on the 4-bit base ("Cannot flatten
-        # integer dtype tensors"). The profile picks the strategy: forget the earlier one.
-        os.environ.pop("ACCELERATE_USE_FSDP", None)
+    peft = _prepare_launch(model, hardware)
     examples = len(train_ds)
     collator = None
     if speed_option(hardware, "padding_free"):
