@@ -9,16 +9,18 @@ embeddings/norms/head, written twice to disk:
 * `merged/`: the same codes with a random rank-16 QA-LoRA adapter folded into float zero points,
   written by the project's merge writer (`hqq_layer` + `save_hqq`) and loaded with hqq's own loader.
 
-Rows (all bf16, HF `generate`, greedy, eager, KV cache, `--prompt` random tokens, `--new` tokens):
-  PTQ-GPTQ-4bit                     GPTQ Triton kernel, no adapter
-  PTQ-GPTQ-4bit+QLoRA               + an unmerged peft LoRA r16 on q,k,v,o,gate,up,down (the PTQ-QLoRA deploy)
-  PTQ-GPTQ-4bit+QA-LoRA (unmerged)  + the QA-LoRA adapter that was merged, unmerged (peft's QA-LoRA)
-  QA-LoRA-merged (hqq torch)        hqq's default HQQLinear: unpack + dequantize + matmul every call
+Rows (all bf16, HF `generate`, greedy, eager, KV cache, `--prompt` random tokens, `--new` tokens), in this order;
+the optional ones are skipped once `--budget` seconds have passed:
   QA-LoRA-merged (int4 tinygemm)    the merged HQQ codes/scales/float zeros on torch's int4 tinygemm op
                                     (`aten._weight_int4pack_mm`, torchao's int4 weight-only kernel); the
                                     conversion is exact: same codes, zero_t = (8 - zero) * scale. hqq 0.2.8's
                                     own torchao_int4 backend cannot be used on torch >= 2.10: it reads
                                     torch.__version__[:3] ("2.1") and packs int32 where the op wants uint8.
+  QA-LoRA-merged (hqq torch) (opt.) hqq's default HQQLinear: unpack + dequantize + matmul every call
+  PTQ-GPTQ-4bit+QLoRA               GPTQ Triton kernel + an unmerged peft LoRA r16 on q,k,v,o,gate,up,down
+                                    (float32 adapter weights, peft's default, as the project's load_adapter)
+  PTQ-GPTQ-4bit            (opt.)   the same base, adapter disabled
+  PTQ-GPTQ-4bit+QA-LoRA    (opt.)   the QA-LoRA adapter that was merged, unmerged (peft's QA-LoRA variant)
 Checks: the merged model's logits against the unmerged GPTQ + QA-LoRA model (bf16, so ~1e-2 relative
 is bf16 noise; the adapter's own effect is printed beside it), and tinygemm against hqq's dequantization.
 
@@ -222,7 +224,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--budget", type=float, default=240.0, help="seconds; later rows are skipped past it")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds; optional rows are skipped past it")
+    p.add_argument("--no-sizes", action="store_true", help="skip reading both checkpoints back for their byte breakdown")
     p.add_argument("--out", default="qalora_deploy.json")
     args = p.parse_args()
     started = time.perf_counter()
@@ -240,18 +243,44 @@ def main() -> None:
     made = make(dirs, config, device)
     adapters = made.pop("adapters")
     result.update(made)
-    result["sizes"] = {"gptq": checkpoint_breakdown(dirs / "gptq"), "merged": checkpoint_breakdown(dirs / "merged")}
-    print(json.dumps({"sizes": result["sizes"], **made}), flush=True)
+    if not args.no_sizes:
+        result["sizes"] = {"gptq": checkpoint_breakdown(dirs / "gptq"), "merged": checkpoint_breakdown(dirs / "merged")}
+    print(json.dumps({"sizes": result.get("sizes"), **made}), flush=True)
     free(device)
 
     def rows(model, label, optional=False):
-        limit = args.budget * (0.6 if optional else 1.0)  # optional rows give way to the essential ones
+        limit = args.budget if optional else float("inf")  # optional rows give way to the essential ones
         for batch in args.batches:
             if time.perf_counter() - started > limit:
                 result["skipped"].append(f"{label} batch {batch}")
                 continue
             result["rows"].append({**generation_row(model, label, batch, args, device), "weights_gib": resident_gib(device)})
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+
+    # merged QA-LoRA: hqq's loader; the same tensors on int4 tinygemm, then hqq's own dequantize + matmul
+    qcfg = QuantizerConfig(name="qa-lora", method="hqq", bits=4, group_size=GROUP)
+    merged = get_method("hqq").load(qcfg, dirs / "merged", torch.bfloat16, False, {"": device})
+    hqq_logits = probe_logits(merged, config, device)
+    originals = to_tinygemm(merged)
+    tinygemm_logits = probe_logits(merged, config, device)
+    checks = {"tinygemm_layers": len(originals), "tinygemm_vs_hqq_rel_logit_diff": rel(tinygemm_logits, hqq_logits)}
+    result["checks"] = checks
+    if device.startswith("cuda"):  # the HQQ layers wait on the CPU (hqq's .cpu() is a no-op; move their tensors)
+        for layer in originals.values():
+            layer.W_q.data = layer.W_q.data.cpu()
+            layer.meta = {k: v.cpu() if torch.is_tensor(v) else v for k, v in layer.meta.items()}
+        free(device)
+    rows(merged, "QA-LoRA-merged (int4 tinygemm)")
+    if time.perf_counter() - started < args.budget:
+        for name, layer in originals.items():
+            layer.W_q.data = layer.W_q.data.to(device)
+            layer.meta = {k: v.to(device) if torch.is_tensor(v) else v for k, v in layer.meta.items()}
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent), child, layer)
+        free(device)
+    rows(merged, "QA-LoRA-merged (hqq torch)", optional=True)
+    del merged, originals
+    free(device)
 
     # PTQ-QLoRA: the GPTQ base on gptqmodel's Triton kernel with an unmerged LoRA r16; the same base with
     # no adapter and with the QA-LoRA adapter that was merged (unmerged here) as references
@@ -260,54 +289,40 @@ def main() -> None:
     base = get_method("gptq").load(gcfg, dirs / "gptq", torch.bfloat16, False, {"": device})
     base.eval()
     ptq_logits = probe_logits(base, config, device)
+    # peft keeps adapter weights in float32 (its default autocast), as the project's load_adapter does
     model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0), "qlora")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.01)  # B nonzero too, as after training
+    model.eval()
+    rows(model, "PTQ-GPTQ-4bit+QLoRA")
+    with model.disable_adapter():
+        rows(model, "PTQ-GPTQ-4bit", optional=True)
     model.add_adapter("qalora", LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0,
                                            use_qalora=True, qalora_group_size=GROUP))
+    model.delete_adapter("qlora")
     worst = 0.0
     with torch.no_grad():
         for name, module in model.named_modules():
             key = name.removeprefix("base_model.model.")
             if key in adapters:
                 a, b = adapters[key]
-                module.lora_A["qlora"].weight.normal_(0, 0.01)  # B nonzero too, as after training
-                module.lora_B["qlora"].weight.normal_(0, 0.01)
                 module.lora_A["qalora"].weight.copy_(a)
                 module.lora_B["qalora"].weight.copy_(b)
                 expected = qalora_constants(a, b, module.in_features)
-                worst = max(worst, rel(group_constants(module, "qalora").float(), expected.float()))
+                worst = max(worst, rel(group_constants(module, "qalora").float().cpu(), expected.float().cpu()))
+    model.set_adapter("qalora")
     model.eval()
-    model.set_adapter("qalora")
     unmerged_logits = probe_logits(model, config, device)
-    model.set_adapter("qlora")
-    rows(model, "PTQ-GPTQ-4bit+QLoRA")
-    with model.disable_adapter():
-        rows(model, "PTQ-GPTQ-4bit", optional=True)
-    model.set_adapter("qalora")
-    rows(model, "PTQ-GPTQ-4bit+QA-LoRA (unmerged)", optional=True)
-    del model, base
-    free(device)
-
-    # merged QA-LoRA: hqq's loader, the same tensors on int4 tinygemm, then hqq's own dequantize + matmul
-    qcfg = QuantizerConfig(name="qa-lora", method="hqq", bits=4, group_size=GROUP)
-    merged = get_method("hqq").load(qcfg, dirs / "merged", torch.bfloat16, False, {"": device})
-    hqq_logits = probe_logits(merged, config, device)
-    originals = to_tinygemm(merged)
-    tinygemm_logits = probe_logits(merged, config, device)
-    result["checks"] = {
-        "tinygemm_layers": len(originals),
+    checks.update({
         "qalora_constants_vs_peft_rel": worst,
-        "tinygemm_vs_hqq_rel_logit_diff": rel(tinygemm_logits, hqq_logits),
         "merged_hqq_vs_unmerged_qalora_rel_logit_diff": rel(hqq_logits, unmerged_logits),
         "merged_tinygemm_vs_unmerged_qalora_rel_logit_diff": rel(tinygemm_logits, unmerged_logits),
         "adapter_effect_rel_logit_diff": rel(ptq_logits, unmerged_logits),  # what the merge must carry
-    }
-    print(json.dumps(result["checks"]), flush=True)
-    rows(merged, "QA-LoRA-merged (int4 tinygemm)")
-    for name, layer in originals.items():
-        parent, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent), child, layer)
-    free(device)
-    rows(merged, "QA-LoRA-merged (hqq torch)", optional=True)
+    })
+    print(json.dumps(checks), flush=True)
+    rows(model, "PTQ-GPTQ-4bit+QA-LoRA (unmerged)", optional=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({"done_seconds": result["seconds"], "skipped": result["skipped"]}), flush=True)

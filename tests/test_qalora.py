@@ -150,6 +150,7 @@ def test_qa_lora_composes(compose_cfg):
     cfg = compose_cfg("model=tiny-random", "quantizer=qa-lora", "quantizer.bits=3")
     assert (cfg.quantizer.method, cfg.quantizer.bits, cfg.quantizer.group_size, cfg.quantizer.desc_act) == \
         ("qalora", 3, 32, False)
+    assert cfg.quantizer.label == "PTQ-GPTQ-3bit"
     assert compose_cfg("quantizer=qa-lora").quantizer.group_size == 64  # smollm2-135m's widths
     method = get_method("qalora")
     assert method.adapter == "qa-lora" and method.merge is not None and get_method("gptq").merge is None
