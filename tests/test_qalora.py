@@ -12,7 +12,8 @@ Tolerances.
 - Size: low-bit codes and the other tensors have the PTQ checkpoint's exact byte counts (3 bits: HQQ packs
   10 codes per int32, 32/30 of GPTQ's); only per-group metadata differs, by an amount computed from the
   layer shapes (a float zero in the compute dtype instead of GPTQ's packed integer zero + g_idx), and the
-  container (hqq's pickle vs safetensors' header) by < 16 KiB, whatever the model size.
+  container (hqq's pickle vs safetensors' header) by < 16 KiB: about 0.6 KB per quantized layer for hqq's
+  per-layer settings, whatever the weights' size (~6 KiB here; 131 KiB for the 224 layers of a 7B shape).
 """
 import json
 from pathlib import Path
