@@ -134,7 +134,7 @@ def test_none_passes_checkpoint_through(src, tokenizer, ids, fp_logits, tmp_path
     (QuantizerConfig(method="gptq", bits=5, group_size=32), ValueError, "gptq supports bits [2, 3, 4, 8], not 5"),
     (QuantizerConfig(method="bnb", bits=8), ValueError, "bnb supports bits [4], not 8"),
     (QuantizerConfig(method="bnb", bits=4, quant_type="int4"), ValueError, "quant_type 'int4'"),
-    (QuantizerConfig(method="awq", bits=4), KeyError, "known: bnb, gptq, none"),
+    (QuantizerConfig(method="awq", bits=4), KeyError, "known: bnb, gptq, hqq, none, qalora"),
 ])
 def test_bad_settings_fail_before_work(src, tokenizer, tmp_path, qcfg, error, message):
     with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
