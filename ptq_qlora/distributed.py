@@ -228,13 +228,19 @@ def run_stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
     if fmt in _STAMPS:
         return _STAMPS[fmt]
     if _initialized():
-        stamp = broadcast_object(datetime.now().strftime(fmt) if is_main_process() else None)
+        stamp = broadcast_object(_new_stamp(fmt) if is_main_process() else None)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         stamp = _shared_stamp(fmt)
     else:
-        stamp = datetime.now().strftime(fmt)
+        stamp = _new_stamp(fmt)
     _STAMPS[fmt] = stamp
     return stamp
+
+
+def _new_stamp(fmt: str) -> str:
+    # the creating process's id after the time: two jobs started in the same second (two shells, a
+    # local sweep launcher) never share a run folder
+    return f"{datetime.now().strftime(fmt)}_{os.getpid()}"
 
 
 def _shared_stamp(fmt: str) -> str:
@@ -245,7 +251,7 @@ def _shared_stamp(fmt: str) -> str:
     key = f"ptq_qlora/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', 'env')}/{fmt}"
     if is_main_process():
         # compare_set keeps the first value: a restarted group keeps its folder
-        stamp = store.compare_set(key, "", datetime.now().strftime(fmt)).decode()
+        stamp = store.compare_set(key, "", _new_stamp(fmt)).decode()
         store.set(key + "/ready", "1")
         deadline = time.time() + STORE_TIMEOUT_S  # keep a self-hosted store up until all have read it
         while store.add(key + "/read", 0) < world_size() - 1 and time.time() < deadline:

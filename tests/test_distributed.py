@@ -336,3 +336,11 @@ def test_a_ddp_trainer_after_an_fsdp_one_forgets_fsdp(monkeypatch, compose_cfg, 
         training.train_causal_lm(model=torch.nn.Linear(2, 2), tokenizer=None, train_rows=[], model_cfg=cfg.model,
                                  hardware=cfg.hardware, train_cfg=cfg.sft, out_dir=tmp_path, seed=0)
     assert seen["fsdp_env"] is None
+
+
+def test_two_jobs_started_in_the_same_second_get_their_own_run_folder():
+    code = "from ptq_qlora.distributed import run_stamp; print(run_stamp('%Y-%m-%d_%H-%M'))"
+    env = {k: v for k, v in os.environ.items() if k not in (distributed.ENV_RUN_ID, "WORLD_SIZE", "RANK")}
+    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    stamps = [job.communicate(timeout=120)[0].strip() for job in jobs]
+    assert all(stamps) and stamps[0] != stamps[1], stamps
