@@ -163,3 +163,34 @@ def test_float_quant_storage_keeps_the_bytes_and_the_gradients(checkpoints, batc
     float_loss, float_grads = loss_and_grads(True)
     assert float_loss == pytest.approx(loss, abs=1e-6)
     assert relative_gradient_error(float_grads, grads)[0] < 1e-6
+
+
+@pytest.mark.parametrize("method", ["bnb", "gptq"])
+def test_training_over_the_dequantized_base_gives_the_same_gradients_and_adapter(checkpoints, batch, method,
+                                                                                  tmp_path):
+    """hardware.dequantize_frozen_base (cpu profile): same loss and LoRA gradients as the 4-bit kernels,
+    and the adapter it saves loads over the real 4-bit checkpoint with the same loss."""
+    from ptq_qlora.adapters import dequantize_frozen_base
+
+    def fresh():
+        torch.manual_seed(0)
+        model = attach_lora(load_quantized(CONFIGS[method], checkpoints / method, "float32", True), TARGETS, r=4,
+                            alpha=8, dropout=0.0)
+        _randomize_lora_b(model)
+        return model
+
+    loss, grads = lora_gradients(fresh(), batch)
+    twin = fresh()
+    lora_layers = sum(1 for m in twin.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert lora_layers > 0 and dequantize_frozen_base(twin, torch.float32) == lora_layers
+    assert training_hazards(twin) == [] and not any(hasattr(m, "qweight") or hasattr(getattr(m, "weight", None),
+                                                    "quant_state") for m in twin.modules())
+    twin_loss, twin_grads = lora_gradients(twin, batch)
+    total, worst = relative_gradient_error(twin_grads, grads)
+    assert total < TOTAL_TOL and worst < TENSOR_TOL, (total, worst)
+    assert twin_loss == pytest.approx(loss, rel=1e-5)
+
+    twin.save_pretrained(str(tmp_path / "adapter"))
+    reloaded = load_adapter(load_quantized(CONFIGS[method], checkpoints / method, "float32", True), tmp_path / "adapter")
+    with torch.no_grad():
+        assert reloaded(input_ids=batch, labels=batch).loss.item() == pytest.approx(twin_loss, rel=1e-5)

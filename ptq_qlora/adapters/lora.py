@@ -55,6 +55,28 @@ def attach_lora(model: torch.nn.Module, target_modules: list[str], r: int, alpha
     return peft_model
 
 
+def dequantize_frozen_base(peft_model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """CPU training speed: give every LoRA layer a frozen nn.Linear base holding the weights its 4-bit
+    layer multiplies by, dequantized once instead of in every forward and backward (gptqmodel's CPU
+    training kernel unpacks the codes each call). Same values, so the same loss and LoRA gradients
+    (tests/test_lora_gradients.py); the adapter saved is unchanged and evaluation still runs the
+    4-bit checkpoint. Costs a 16-bit copy of the base in memory, hence a hardware option (cpu profile).
+    Returns the number of layers replaced."""
+    from ptq_qlora.quantizers.common import dequantize_linear
+
+    count = 0
+    for module in peft_model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or not hasattr(module, "lora_A") or not _is_quantized(base):
+            continue
+        linear = dequantize_linear(base).to(dtype).requires_grad_(False)
+        module.base_layer = linear
+        if hasattr(module, "quant_linear_module"):  # peft's GPTQ LoRA layer calls this alias
+            module.quant_linear_module = linear
+        count += 1
+    return count
+
+
 def load_adapter(base_model: torch.nn.Module, adapter_dir: str | Path):
     """Adapter over the (4-bit) base, unmerged: PEFT cannot merge into GPTQ, and into NF4 it is lossy."""
     from peft import PeftModel

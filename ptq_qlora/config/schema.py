@@ -32,6 +32,8 @@ class HardwareConfig:
     use_liger_kernel: bool = False  # Liger's Triton RMSNorm/SwiGLU/RoPE (needs `pip install .[gpu]`)
     activation_offload: bool = False  # checkpointed layer inputs in pinned host memory
     frozen_in_compute_dtype: bool = False  # QLoRA: frozen norms/embeddings/lm_head stay bf16 (no fp32 upcast)
+    # QLoRA on CPU: the 4-bit base dequantized once for training (same values, no per-step unpacking)
+    dequantize_frozen_base: bool = False
     # --- several GPUs (ptq_qlora/distributed.py). Used only when started by a launcher
     # (`torchrun --nproc_per_node N train.py ...` or `accelerate launch ...`); a plain
     # `python train.py` stays on one device. Batch sizes above are per GPU: the effective batch is

@@ -132,3 +132,20 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def dequantize_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """An fp32 nn.Linear holding exactly the weights a 4-bit layer multiplies by."""
+    if hasattr(getattr(module, "weight", None), "quant_state"):  # bitsandbytes Linear4bit
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    elif hasattr(module, "qweight"):  # gptqmodel quant linear: dequantize_weight() is [in, out]
+        weight = type(module).dequantize_weight(module).T
+    else:
+        weight = module.weight
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    linear.weight.data.copy_(weight.float())
+    if module.bias is not None:
+        linear.bias.data.copy_(module.bias.float())
+    return linear

@@ -9,29 +9,13 @@ from pathlib import Path
 import torch
 
 from ptq_qlora.models.tiny import build_tiny_llama, byte_level_tokenizer  # noqa: F401  (re-exported for tests)
+from ptq_qlora.quantizers.common import dequantize_linear  # noqa: F401  (re-exported for tests)
 
 
 def random_texts(n: int, seed: int = 0, length: int = 120) -> list[str]:
     rng = random.Random(seed)
     words = "the bank card was charged twice please refund my transfer account balance summary".split()
     return [" ".join(rng.choice(words) for _ in range(length // 6)) for _ in range(n)]
-
-
-def dequantize_linear(module: torch.nn.Module) -> torch.nn.Linear:
-    """An fp32 nn.Linear holding exactly the weights a 4-bit layer multiplies by."""
-    if hasattr(getattr(module, "weight", None), "quant_state"):  # bitsandbytes Linear4bit
-        import bitsandbytes as bnb
-
-        weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-    elif hasattr(module, "qweight"):  # gptqmodel quant linear: dequantize_weight() is [in, out]
-        weight = type(module).dequantize_weight(module).T
-    else:
-        weight = module.weight
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-    linear.weight.data.copy_(weight.float())
-    if module.bias is not None:
-        linear.bias.data.copy_(module.bias.float())
-    return linear
 
 
 def dequantized_reference(peft_model) -> torch.nn.Module:

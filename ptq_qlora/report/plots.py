@@ -60,12 +60,7 @@ def plot_task_bars(rows: list[EvalRow], task: str, path: Path, metric_for_genera
     ax.set_title(f"{task}: {_TITLES.get(metric, metric)} by model and point")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_bits(rows: list[EvalRow], task: str, path: Path, metric_for_generation: str = "rougeL") -> Path | None:
@@ -109,12 +104,7 @@ def plot_bits(rows: list[EvalRow], task: str, path: Path, metric_for_generation:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{task}: {_TITLES.get(metric, metric)} by bit width")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_pair(a: EvalRow, b: EvalRow, key: str, path: Path) -> Path:
@@ -155,12 +145,7 @@ def plot_pair(a: EvalRow, b: EvalRow, key: str, path: Path) -> Path:
     right.yaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_title("per-example difference")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(rows: list[EvalRow], out_dir: Path, metric_for_generation: str = "rougeL", tasks=None) -> list[Path]:
@@ -184,3 +169,12 @@ def write_plots(rows: list[EvalRow], out_dir: Path, metric_for_generation: str =
         except (OSError, ValueError, KeyError):
             continue
     return paths
+
+
+def _save(plt, fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

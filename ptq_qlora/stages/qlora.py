@@ -56,6 +56,12 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             use_float_quant_storage(model, parse_dtype(cfg.hardware.dtype))
         counts = parameter_counts(model)
         log.info("QLoRA on %s: %s", parent.label, counts)
+        if cfg.hardware.get("dequantize_frozen_base"):
+            from ptq_qlora.adapters import dequantize_frozen_base
+            from ptq_qlora.quantizers.common import parse_dtype
+
+            layers = dequantize_frozen_base(model, parse_dtype(cfg.hardware.dtype))
+            log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
         metrics = train_causal_lm(
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
             report_to=ctx.tracker.report_to if ctx.tracker else "none",
