@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ptq_qlora.config import CONF_DIR, setup
-from ptq_qlora.stages.lineage import sft_lineage, train_settings
+from ptq_qlora.stages.lineage import qlora_lineage, sft_lineage, train_settings
 
 setup()
 GROUPS = ["model", "task", "data", "quantizer", "stage", "hardware", "logger"]
@@ -82,6 +82,18 @@ def test_stage_lr_shortcut_drives_the_trained_step_and_its_lineage():
     # the SFT stage a QLoRA sweep builds on keeps its lineage: it is trained once
     assert sft_lineage(base, "p") == sft_lineage(swept, "p")
     assert sft_lineage(make(["stage=sft"]), "p") != sft_lineage(make(["stage=sft", "stage.lr=1e-6"]), "p")
+
+
+def test_speed_options_that_change_training_arithmetic_enter_only_the_lineages_they_touch():
+    cpu = make(["stage=pipeline"])
+    plain = make(["stage=pipeline", "hardware.dequantize_frozen_base=false"])
+    assert cpu.hardware.dequantize_frozen_base  # the cpu profile's QLoRA trains over the dequantized base
+    assert qlora_lineage(cpu, "p") != qlora_lineage(plain, "p")
+    assert sft_lineage(cpu, "p") == sft_lineage(plain, "p")  # a QLoRA-only option leaves SFT alone
+    packed = make(["stage=pipeline", "hardware.padding_free=true"])
+    assert sft_lineage(packed, "p") != sft_lineage(cpu, "p") and qlora_lineage(packed, "p") != qlora_lineage(cpu, "p")
+    assert sft_lineage(make(["stage=pipeline", "hardware.padding_free=true", "hardware.pack_length=512"]), "p") \
+        != sft_lineage(packed, "p")
 
 
 def test_t4_profile_has_no_bf16():

@@ -45,8 +45,23 @@ def train_settings(cfg, step: str) -> dict:
     return settings
 
 
-def _training_context(cfg) -> dict:
+# Hardware speed options that change what training computes (batch composition, rounding): in the
+# lineage only when on, so runs without them keep the lineage they had before the options existed.
+# The last two act on LoRA over a 4-bit base only.
+_ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel"),
+                       "qlora": ("padding_free", "use_liger_kernel", "frozen_in_compute_dtype", "dequantize_frozen_base")}
+
+
+def _arithmetic_options(cfg, step: str) -> dict:
+    on = {key: True for key in _ARITHMETIC_OPTIONS[step] if cfg.hardware.get(key)}
+    if on.get("padding_free"):
+        on["pack_length"] = cfg.hardware.pack_length
+    return {"arithmetic": on} if on else {}
+
+
+def _training_context(cfg, step: str) -> dict:
     return {
+        **_arithmetic_options(cfg, step),
         "seed": cfg.seed,
         "dtype": cfg.hardware.dtype,
         "train_dtype": cfg.hardware.train_dtype,
@@ -66,7 +81,7 @@ def base_lineage(cfg, source: str | None = None) -> str:
 def sft_lineage(cfg, parent: str) -> str:
     return lineage_of(
         parent, stage="sft", train=train_settings(cfg, "sft"), **data_identity(cfg),
-        prompt=prompt_identity(cfg), **_training_context(cfg),
+        prompt=prompt_identity(cfg), **_training_context(cfg, "sft"),
     )
 
 
@@ -79,7 +94,7 @@ def ptq_lineage(cfg, parent: str) -> str:
 def qlora_lineage(cfg, parent: str) -> str:
     return lineage_of(
         parent, stage="qlora", train=train_settings(cfg, "qlora"), **data_identity(cfg),
-        prompt=prompt_identity(cfg), **_training_context(cfg),
+        prompt=prompt_identity(cfg), **_training_context(cfg, "qlora"),
     )
 
 
