@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 
 from ptq_qlora import distributed
 from ptq_qlora.models.loading import load_tokenizer
@@ -24,9 +25,10 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             f"QLoRA needs a 4-bit model, but {parent.label} ({parent.model_path}) is not quantized: "
             "choose quantizer=bnb-nf4 or quantizer=gptq-4bit, or point stage.input at a PTQ run"
         )
-    from ptq_qlora.adapters import attach_lora, parameter_counts
+    from ptq_qlora.adapters import attach_lora, dequantize_frozen_base, parameter_counts
     from ptq_qlora.adapters.qalora import attach_qalora
     from ptq_qlora.quantizers import get_method, load_quantized
+    from ptq_qlora.quantizers.common import parse_dtype
 
     lineage = qlora_lineage(cfg, parent.lineage)
     reused = reuse_completed(ctx, "qlora", lineage, parent, metrics_prefix="qlora/train")
@@ -42,25 +44,19 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         model = load_quantized(qcfg, parent.model_path, compute_dtype=cfg.hardware.dtype, for_training=True)
         tokenizer = load_tokenizer(parent.model_path)
         adapter = get_method(qcfg.method).adapter  # lora, or qa-lora (pooled over the GPTQ groups)
-        if adapter == "qa-lora":
-            model = attach_qalora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
-                                  group_size=qcfg.group_size, gradient_checkpointing=cfg.hardware.gradient_checkpointing)
-        else:
-            model = attach_lora(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
-                                gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        attach = partial(attach_qalora, group_size=qcfg.group_size) if adapter == "qa-lora" else attach_lora
+        model = attach(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                       gradient_checkpointing=cfg.hardware.gradient_checkpointing)
+        compute_dtype = parse_dtype(cfg.hardware.dtype)
         if distributed.strategy_for(cfg.hardware, peft=True) == "fsdp":
             from ptq_qlora.quantizers.bnb import use_float_quant_storage
-            from ptq_qlora.quantizers.common import parse_dtype
 
             # FSDP shards the 4-bit weights only when stored as a float dtype (bnb_4bit_quant_storage)
-            use_float_quant_storage(model, parse_dtype(cfg.hardware.dtype))
+            use_float_quant_storage(model, compute_dtype)
         counts = parameter_counts(model)
         log.info("QLoRA on %s: %s", parent.label, counts)
         if cfg.hardware.get("dequantize_frozen_base"):
-            from ptq_qlora.adapters import dequantize_frozen_base
-            from ptq_qlora.quantizers.common import parse_dtype
-
-            layers = dequantize_frozen_base(model, parse_dtype(cfg.hardware.dtype))
+            layers = dequantize_frozen_base(model, compute_dtype)
             log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
         metrics = train_causal_lm(
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
