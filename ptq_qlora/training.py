@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptq_qlora import distributed
+from ptq_qlora.lm_head_scoring import completion_positions_only
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -280,7 +281,8 @@ def train_tokenized(
     if resume:
         log.info("resuming training from %s", resume)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with completion_positions_only():
+        result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
     if save_dir is not None:
         from ptq_qlora.models.loading import resolve_dtype
