@@ -24,6 +24,10 @@ Modes (LoRA r16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; AdamW; bf16 comput
 - gen: the eval stage's `generate_batched` (profile eval_batch_size) vs `model.generate` one prompt
   at a time, same prompts (real DialogSum prompt lengths), greedy, `--new-tokens` each.
 - sft1b: full SFT (bf16 weights, the profile's options) of a TinyLlama-1.1B shape on the real lengths.
+- GPTQ base (`make --gptq` quantizes the same bf16 model with the project's GPTQ quantizer, timed):
+  hf_gptq (stock peft LoRA over gptqmodel's trainable kernel), project_gptq (the stage's path with the
+  h200 profile: hardware.gptq_dequant_matmul), project_gptq_plain (the same with it off), gptq_check
+  (its dequantization and LoRA gradients against the stock kernel).
 
 Timing: CUDA-synchronised clock at each optimizer step's end; fixed shape: median of steps 3..N;
 real data: non-pad tokens of steps 3..N over their time. Peak memory: torch.cuda.max_memory_allocated
@@ -81,11 +85,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def qcfg():
+def qcfg(method: str = "bnb"):
+    """conf/quantizer/bnb-nf4.yaml or gptq-4bit.yaml's settings (no reload check: timing only)."""
     from ptq_qlora.quantizers import QuantizerConfig
 
+    if method == "gptq":
+        return QuantizerConfig(name="gptq-4bit", method="gptq", label="PTQ-GPTQ-4bit", bits=4, group_size=128,
+                               desc_act=False, act_group_aware=False, sym=True, damp_percent=0.01,
+                               calibration_samples=128, calibration_max_tokens=512, verify_reload=False)
     return QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4, quant_type="nf4",
                            double_quant=True, verify_reload=False)
+
+
+def random_texts(n: int, words: int, vocab: int, seed: int = 0) -> list[str]:
+    """Calibration texts for the word tokenizer: `words` random tokens each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(f"t{i}" for i in torch.randint(FIRST_ID, vocab, (words,), generator=gen).tolist()) for _ in range(n)]
 
 
 def word_tokenizer(vocab: int):
@@ -133,6 +148,12 @@ def make(args) -> None:
     stats = quantize(qcfg(), src, dst, tokenizer=None, calibration_texts=[], compute_dtype="bfloat16")
     emit(Path(args.out) if args.out else None, what="make", arch=args.arch, layers=config.num_hidden_layers,
          params=params, build_and_save_s=round(build_s, 1), **stats)
+    if args.gptq:  # item (c): the PTQ stage's GPTQ quantizer on the whole model, its default settings
+        memory_start()
+        texts = random_texts(128, 600, min(config.vocab_size, 32000))
+        stats = quantize(qcfg("gptq"), src, Path(args.dir) / "gptq", word_tokenizer(32000), texts, "bfloat16")
+        emit(Path(args.out) if args.out else None, what="make_gptq", arch=args.arch, layers=config.num_hidden_layers,
+             per_layer_s=round(stats["quantize_seconds"] / config.num_hidden_layers, 2), peak_gib=peak_gib(), **stats)
     if not args.keep_bf16:
         import shutil
 
@@ -256,18 +277,21 @@ def trainer_clock():
     return clock, Clock()
 
 
-def run_hf(args, liger: bool) -> dict:
-    """Stock HF QLoRA (qlora_peers.py's recipe) over the same NF4 checkpoint."""
+def run_hf(args, liger: bool, base: str = "nf4") -> dict:
+    """Stock HF QLoRA (qlora_peers.py's recipe) over the same NF4 (or GPTQ: peft's GPTQ LoRA layer over
+    gptqmodel's trainable kernel, ../shared/gpu-baselines/lora_bnb_vs_gptq.py) checkpoint."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
     if liger:
         import liger_kernel.transformers as lk
 
         getattr(lk, f"apply_liger_kernel_to_{ {'llama2': 'llama', 'tinyllama': 'llama'}.get(args.arch, args.arch) }")()
     resident = memory_start()
-    model = AutoModelForCausalLM.from_pretrained(str(Path(args.dir) / "nf4"), dtype=torch.bfloat16,
-                                                 device_map={"": 0} if CUDA else None, attn_implementation="sdpa")
+    extra = {"quantization_config": GPTQConfig(bits=4, backend="auto_trainable")} if base == "gptq" else {}
+    model = AutoModelForCausalLM.from_pretrained(str(Path(args.dir) / base), dtype=torch.bfloat16,
+                                                 device_map={"": 0} if CUDA else None, attn_implementation="sdpa",
+                                                 **extra)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
@@ -293,27 +317,31 @@ def run_hf(args, liger: bool) -> dict:
     return result
 
 
-def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False) -> dict:
-    """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows."""
+def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,
+                base: str = "nf4", attention: str | None = None) -> dict:
+    """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows;
+    `base`: the nf4 or gptq checkpoint made by `make`; `attention`: another attention implementation
+    (an experiment: the stage uses sdpa)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from ptq_qlora.adapters import attach_lora
-    from ptq_qlora.quantizers import load_quantized
+    from ptq_qlora.stages.qlora import trainable_quantized_model
     from ptq_qlora.training import train_tokenized
 
     hw = profile(hardware, overrides)
     resident = memory_start()
-    folder = Path(args.dir) / ("bf16" if sft else "nf4")
+    folder = Path(args.dir) / ("bf16" if sft else base)
     tokenizer = word_tokenizer(32000)  # pad id 0; the rows' ids stay below every shape's vocab
     if sft:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16 if CUDA else torch.float32,
                                                      attn_implementation=hw.attn_implementation,
                                                      device_map={"": 0} if CUDA else None)
     else:
-        model = load_quantized(qcfg(), folder, hw.dtype, for_training=True)
         torch.manual_seed(0)
-        model = attach_lora(model, TARGETS, r=16, alpha=32, dropout=0.0, gradient_checkpointing=hw.gradient_checkpointing)
+        model, _ = trainable_quantized_model(qcfg("gptq" if base == "gptq" else "bnb"), folder, hw, TARGETS,
+                                             {"r": 16, "alpha": 32, "dropout": 0.0})
+    if attention:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
     vocab = min(model.config.vocab_size, 32000)
     steps = args.real_steps if data == "real" else args.steps
     if data == "real":
@@ -465,16 +493,75 @@ def run_check(args) -> dict:
     return result
 
 
+def run_gptq_check(args) -> dict:
+    """hardware.gptq_dequant_matmul on the GPU: the Triton dequantization it uses equals gptqmodel's
+    torch dequantization, and loss and LoRA gradients equal those of the stock trainable kernel within
+    bf16 rounding (noise floor: the stock kernel on the same rows in reverse batch order)."""
+    from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+    from ptq_qlora.quantizers.gptq_frozen import dequantized_weight, use_frozen_dequant_matmul
+    from ptq_qlora.stages.qlora import trainable_quantized_model
+
+    hw = profile("h200", {"gptq_dequant_matmul": False})
+    resident = memory_start()
+    torch.manual_seed(0)
+    model, _ = trainable_quantized_model(qcfg("gptq"), Path(args.dir) / "gptq", hw, TARGETS,
+                                         {"r": 16, "alpha": 32, "dropout": 0.0})
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+    model.train()
+    quantized = [m for m in model.modules() if hasattr(m, "qweight")]
+    ids = torch.tensor([r["input_ids"] for r in fixed_rows(4, 512, min(model.config.vocab_size, 32000), seed=5)],
+                       device=model.device)
+
+    def loss_and_grads(x):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def rel(a, b):
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
+
+    steps = {"stock": loss_and_grads(ids), "stock_reversed_batch": loss_and_grads(ids.flip(0))}
+    patched = use_frozen_dequant_matmul(model)
+    memory_start()
+    steps["frozen_dequant_matmul"] = loss_and_grads(ids)
+    frozen_peak = peak_gib()
+    dequant_err = max(float((dequantized_weight(m, torch.float32)
+                             - PackableQuantLinear.dequantize_weight(m).float()).abs().max()) for m in quantized[:7])
+    base_loss, base_grads = steps["stock"]
+    result = {"kernel_classes": sorted({type(m).__name__ for m in quantized}), "patched_layers": patched,
+              "triton_dequant_layers": sum(bool(getattr(m, "_frozen_triton_dequant", False)) for m in quantized),
+              "dequant_max_abs_diff_triton_vs_torch": dequant_err, "check_batch": list(ids.shape),
+              "losses": {k: v[0] for k, v in steps.items()},
+              "loss_rel_diff_vs_stock": {k: abs(v[0] - base_loss) / base_loss for k, v in steps.items()},
+              "grad_rel_err_vs_stock": {k: rel(v[1], base_grads) for k, v in steps.items()},
+              "peak_gib": peak_gib(), "peak_gib_frozen_step": frozen_peak, "resident_gib": resident}
+    del model
+    return result
+
+
 MODES = {
     "check": run_check,
+    "gptq_check": run_gptq_check,
     "hf": lambda a: run_hf(a, liger=False),
     "liger": lambda a: run_hf(a, liger=True),
     "project_before": lambda a: run_project(a, SPEED_OFF, "fixed"),
     "project": lambda a: run_project(a, {}, "fixed"),
     "project_offload": lambda a: run_project(a, {"activation_offload": True}, "fixed"),
     "project_nockpt": lambda a: run_project(a, {"gradient_checkpointing": False}, "fixed"),
+    "hf_gptq": lambda a: run_hf(a, liger=False, base="gptq"),
+    "project_gptq_plain": lambda a: run_project(a, {"gptq_dequant_matmul": False}, "fixed", base="gptq"),
+    "project_gptq": lambda a: run_project(a, {}, "fixed", base="gptq"),
     "real_before": lambda a: run_project(a, SPEED_OFF, "real"),
     "real": lambda a: run_project(a, {}, "real"),
+    "real_flex": lambda a: run_project(a, {}, "real", attention="flex_attention"),
+    "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
     "gen": run_gen,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
     "sft1b_before": lambda a: run_project(a, SPEED_OFF, "real", sft=True),
@@ -525,7 +612,8 @@ def table(args) -> None:
              "project_before": "project QLoRA path, speed options off (before)",
              "project": "project QLoRA path, h200 profile (after)",
              "project_offload": "project, h200 profile + activation_offload",
-             "project_nockpt": "project, h200 profile, no checkpointing"}
+             "project_nockpt": "project, h200 profile, no checkpointing",
+             "project_flex": "project, h200 profile, flex attention (experiment)"}
     print("| run | tok/s | step s | peak GiB | x stock HF | x unsloth (H100 ref 11,451) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, label in names.items():
@@ -536,9 +624,23 @@ def table(args) -> None:
         print(f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | "
               f"{tok / stock:.2f} | {tok / UNSLOTH_H100:.2f} |" if stock else
               f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | - | {tok / UNSLOTH_H100:.2f} |")
+    gptq_rows = {"hf_gptq": "stock HF over GPTQ (peft GPTQ LoRA, gptqmodel auto_trainable)",
+                 "project_gptq_plain": "project over GPTQ, h200 profile, gptq_dequant_matmul off",
+                 "project_gptq": "project over GPTQ, h200 profile (gptq_dequant_matmul)"}
+    bnb, stock_gptq = modes.get("project"), modes.get("hf_gptq")
+    if any(m in modes for m in gptq_rows):
+        print("\n| over GPTQ | tok/s | step s | peak GiB | x stock HF over GPTQ | tok/s, memory x project over NF4 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for mode, label in gptq_rows.items():
+            r = modes.get(mode)
+            if r:
+                vs_stock = f"{r['tok_s'] / stock_gptq['tok_s']:.2f}" if stock_gptq else "-"
+                vs_bnb = f"{r['tok_s'] / bnb['tok_s']:.2f}, {r['peak_gib'] / bnb['peak_gib']:.2f}" if bnb else "-"
+                print(f"| {label} | {r['tok_s']:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | {vs_stock} | {vs_bnb} |")
     fixed = modes.get("project", {}).get("tok_s")
     for mode, label in (("real_before", "real-data mix, padded + group_by_length (before)"),
                         ("real", "real-data mix, h200 profile (packed, padding-free)"),
+                        ("real_flex", "real-data mix, h200 profile, flex attention (experiment)"),
                         ("sft1b_before", "full SFT 1.1B shape, real mix, speed options off"),
                         ("sft1b", "full SFT 1.1B shape, real mix, h200 profile")):
         r = modes.get(mode)
@@ -563,6 +665,21 @@ def table(args) -> None:
             print(f"| {k} | {loss:.5f} | {c['loss_rel_diff_vs_plain'][k]:.2e} | {c['grad_rel_err_vs_plain'][k]:.2e} | "
                   f"{'' if prev is None else f'{prev:.2e}'} |")
         print(f"worst LoRA tensor (fast vs plain): {c['worst_tensor']} {c['worst_tensor_rel_err']:.2e}")
+    gc_ = modes.get("gptq_check")
+    if gc_:
+        print(f"\ngptq_check (batch {gc_['check_batch']}, kernels {gc_['kernel_classes']}, {gc_['patched_layers']} layers "
+              f"patched, {gc_['triton_dequant_layers']} on Triton dequant; dequant max |triton - torch| "
+              f"{gc_['dequant_max_abs_diff_triton_vs_torch']:.2e}; peak {gc_['peak_gib']:.2f} GiB, frozen step "
+              f"{gc_['peak_gib_frozen_step']:.2f} GiB):")
+        for k, loss in gc_["losses"].items():
+            print(f"| {k} | loss {loss:.5f} | rel {gc_['loss_rel_diff_vs_stock'][k]:.2e} | "
+                  f"LoRA grad rel err {gc_['grad_rel_err_vs_stock'][k]:.2e} |")
+    for r in records:
+        if r.get("what") == "make_gptq":
+            print(f"\nGPTQ quantization ({r['arch']}, {r['layers']} layers, {r['calibration_texts_given']} texts, "
+                  f"<= {r['calibration_max_tokens']} tokens each): {r['quantize_seconds']:.1f} s "
+                  f"({r['per_layer_s']} s/layer), peak {r['peak_gib']:.2f} GiB, "
+                  f"{r['disk_bytes_before'] / 1e9:.2f} -> {r['disk_bytes_after'] / 1e9:.2f} GB")
     for r in records:
         if r.get("what") in ("error", "skipped"):
             print(f"{r['what']}: {r['mode']}: {r.get('err') or r.get('reason')}")
@@ -576,6 +693,7 @@ def main() -> None:
     m.add_argument("--arch", default="llama2", choices=sorted(ARCHS))
     m.add_argument("--layers", type=int, default=None, help="default: the real depth")
     m.add_argument("--keep-bf16", action="store_true", help="keep the bf16 source (sft1b trains it)")
+    m.add_argument("--gptq", action="store_true", help="also quantize with the project's GPTQ quantizer (timed)")
     m.add_argument("--out", default=None)
     ln = sub.add_parser("lengths")
     ln.add_argument("--out", required=True)

@@ -6,7 +6,8 @@
 # Carried: .site-speed (wheels: transformers 5.23, trl 1.16, datasets, peft 0.21.2, bitsandbytes
 # 0.50.2 pruned to its CUDA 13.0 library, liger-kernel 0.8.5, hydra/omegaconf; lengths.json).
 # ONLY=recheck: the second call (check with its noise floor, real data and fixed shape after the
-# fixed-width fix). ONLY=extra: the other 7B shapes (8 layers) and full SFT of a 1.1B shape (not run).
+# fixed-width fix). ONLY=extra: the other 7B shapes (8 layers) and full SFT of a 1.1B shape.
+# ONLY=gptq: GPTQ quantization time of the 7B and QLoRA over GPTQ vs NF4 (also carry .site-qalora).
 set -u
 OUT=${OUT:-$PWD/bench_out}; mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,12 +28,23 @@ if [ "${ONLY:-}" = recheck ]; then  # the second call: fixed-width packed batche
   echo "make done ${SECONDS}s"
   timeout 120 $S run --dir $B/llama2 --arch llama2 --budget-s 70 --modes check,real,project --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = gptq ]; then  # GPTQ: the PTQ stage's quantizer on the 7B (timed), QLoRA over it vs NF4
+  # gptqmodel and its pure-Python deps travel in .site-qalora (see RESULTS.md, QA-LoRA)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
+  timeout 230 $S make --dir $B/llama2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
+  rc=$?; grep -E '^\{"what": "make' "$R" | cut -c1-300; echo "make rc=$rc ${SECONDS}s"
+  timeout 170 $S run --dir $B/llama2 --arch llama2 --budget-s 100 \
+    --modes project,project_gptq,gptq_check,hf_gptq,project_gptq_plain --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
     timeout 120 $S run --dir $B/$arch --arch $arch --modes hf,project --out "$R" 2>&1 > "$OUT/log_$arch.txt"
     rm -rf $B/$arch; echo "$arch done ${SECONDS}s"
   done
+  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  timeout 150 $S run --dir $B/llama2 --arch llama2 --modes real,real_flex,project_flex --out "$R" > "$OUT/log_flex.txt" 2>&1
+  rm -rf $B/llama2; echo "flex done ${SECONDS}s"
   timeout 60 $S make --dir $B/tl --arch tinyllama --keep-bf16 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   timeout 150 $S run --dir $B/tl --arch tinyllama --modes sft1b_before,sft1b --out "$R" > "$OUT/log_sft.txt" 2>&1
 else

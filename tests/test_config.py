@@ -94,6 +94,11 @@ def test_speed_options_that_change_training_arithmetic_enter_only_the_lineages_t
     assert sft_lineage(packed, "p") != sft_lineage(cpu, "p") and qlora_lineage(packed, "p") != qlora_lineage(cpu, "p")
     assert sft_lineage(make(["stage=pipeline", "hardware.padding_free=true", "hardware.pack_length=512"]), "p") \
         != sft_lineage(packed, "p")
+    # a GPTQ-only option enters the QLoRA lineage of GPTQ bases only
+    gptq_path = make(["stage=pipeline", "hardware.gptq_dequant_matmul=true"])
+    for method in ("gptq", "qalora"):
+        assert qlora_lineage(gptq_path, "p", base_method=method) != qlora_lineage(cpu, "p", base_method=method)
+    assert qlora_lineage(gptq_path, "p", base_method="bnb") == qlora_lineage(cpu, "p", base_method="bnb")
 
 
 def test_t4_profile_has_no_bf16():

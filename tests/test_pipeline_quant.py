@@ -35,6 +35,13 @@ def test_pipeline_for_both_quantizers_reuses_sft(compose_cfg):
         assert (adapter / "adapter_config.json").exists()
         assert not list(adapter.glob("model*.safetensors"))  # the adapter only, not the base
     assert len(sft_lineages) == 1 and len(list(store.glob("sft-*"))) == 1  # SFT trained once
+    # the GPU profiles' GPTQ path (hardware.gptq_dequant_matmul) through the stage, on CPU here
+    gptq_ptq = store / f"ptq-{stages['ptq']['lineage']}"  # the last loop's (gptq) PTQ run
+    other = run_job(compose_cfg(*TINY, "task=bitext", "stage=qlora", "quantizer=gptq-4bit", f"stage.input={gptq_ptq}",
+                                "hardware.dequantize_frozen_base=false", "hardware.gptq_dequant_matmul=true"))
+    assert other["stages"]["qlora"]["lineage"] != stages["qlora"]["lineage"]
+    qlora = stage_metrics(store, "qlora", other["stages"]["qlora"]["lineage"])
+    assert qlora["last_logged_loss"] < qlora["first_logged_loss"], qlora["loss_curve"]
 
 
 def test_stages_run_alone_from_run_folders(compose_cfg):

@@ -34,6 +34,9 @@ class HardwareConfig:
     frozen_in_compute_dtype: bool = False  # QLoRA: frozen norms/embeddings/lm_head stay bf16 (no fp32 upcast)
     # QLoRA on CPU: the 4-bit base dequantized once for training (same values, no per-step unpacking)
     dequantize_frozen_base: bool = False
+    # QLoRA over GPTQ on a GPU: the base dequantized in forward and again in backward, no 16-bit weight
+    # kept for the backward (ptq_qlora/quantizers/gptq_frozen.py)
+    gptq_dequant_matmul: bool = False
     # --- several GPUs (ptq_qlora/distributed.py). Used only when started by a launcher
     # (`torchrun --nproc_per_node N train.py ...` or `accelerate launch ...`); a plain
     # `python train.py` stays on one device. Batch sizes above are per GPU: the effective batch is

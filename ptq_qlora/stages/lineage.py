@@ -47,21 +47,27 @@ def train_settings(cfg, step: str) -> dict:
 
 # Hardware speed options that change what training computes (batch composition, rounding): in the
 # lineage only when on, so runs without them keep the lineage they had before the options existed.
-# The last two act on LoRA over a 4-bit base only.
+# The last three act on LoRA over a 4-bit base only.
 _ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel"),
-                       "qlora": ("padding_free", "use_liger_kernel", "frozen_in_compute_dtype", "dequantize_frozen_base")}
+                       "qlora": ("padding_free", "use_liger_kernel", "frozen_in_compute_dtype", "dequantize_frozen_base",
+                                 "gptq_dequant_matmul")}
 
 
-def _arithmetic_options(cfg, step: str) -> dict:
-    on = {key: True for key in _ARITHMETIC_OPTIONS[step] if cfg.hardware.get(key)}
+# Options that act on one kind of 4-bit base only: in the lineage only for that base.
+_BASE_SPECIFIC = {"gptq_dequant_matmul": ("gptq", "qalora")}
+
+
+def _arithmetic_options(cfg, step: str, base_method: str | None = None) -> dict:
+    on = {key: True for key in _ARITHMETIC_OPTIONS[step] if cfg.hardware.get(key)
+          and base_method in _BASE_SPECIFIC.get(key, (base_method,))}
     if on.get("padding_free"):
         on["pack_length"] = cfg.hardware.pack_length
     return {"arithmetic": on} if on else {}
 
 
-def _training_context(cfg, step: str) -> dict:
+def _training_context(cfg, step: str, base_method: str | None = None) -> dict:
     return {
-        **_arithmetic_options(cfg, step),
+        **_arithmetic_options(cfg, step, base_method),
         "seed": cfg.seed,
         "dtype": cfg.hardware.dtype,
         "train_dtype": cfg.hardware.train_dtype,
@@ -91,10 +97,11 @@ def ptq_lineage(cfg, parent: str) -> str:
     return lineage_of(parent, stage="ptq", quantizer=quantizer, **data_identity(cfg), seed=cfg.seed)
 
 
-def qlora_lineage(cfg, parent: str) -> str:
+def qlora_lineage(cfg, parent: str, base_method: str | None = None) -> str:
+    """`base_method`: the quantizer method of the 4-bit base (its options that only act on it)."""
     return lineage_of(
         parent, stage="qlora", train=train_settings(cfg, "qlora"), **data_identity(cfg),
-        prompt=prompt_identity(cfg), **_training_context(cfg, "qlora"),
+        prompt=prompt_identity(cfg), **_training_context(cfg, "qlora", base_method),
     )
 
 

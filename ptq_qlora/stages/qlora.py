@@ -18,6 +18,38 @@ from ptq_qlora.training import train_causal_lm
 log = logging.getLogger(__name__)
 
 
+def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], settings: dict):
+    """The 4-bit model at `model_path` loaded for training with a fresh adapter (LoRA, or QA-LoRA for
+    that method) and the hardware profile's QLoRA options applied; returns (model, parameter counts).
+    benchmarks/qlora_speed.py times this same function."""
+    from ptq_qlora.adapters import attach_lora, dequantize_frozen_base, parameter_counts
+    from ptq_qlora.adapters.qalora import attach_qalora
+    from ptq_qlora.quantizers import get_method, load_quantized
+    from ptq_qlora.quantizers.common import parse_dtype
+
+    model = load_quantized(qcfg, model_path, compute_dtype=hardware.dtype, for_training=True)
+    adapter = get_method(qcfg.method).adapter  # lora, or qa-lora (pooled over the GPTQ groups)
+    attach = partial(attach_qalora, group_size=qcfg.group_size) if adapter == "qa-lora" else attach_lora
+    model = attach(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                   gradient_checkpointing=hardware.gradient_checkpointing)
+    compute_dtype = parse_dtype(hardware.dtype)
+    if distributed.strategy_for(hardware, peft=True) == "fsdp":
+        from ptq_qlora.quantizers.bnb import use_float_quant_storage
+
+        # FSDP shards the 4-bit weights only when stored as a float dtype (bnb_4bit_quant_storage)
+        use_float_quant_storage(model, compute_dtype)
+    counts = parameter_counts(model)
+    if getattr(hardware, "gptq_dequant_matmul", False) and qcfg.method in ("gptq", "qalora"):
+        from ptq_qlora.quantizers.gptq_frozen import use_frozen_dequant_matmul
+
+        log.info("GPTQ base without saved 16-bit weights: %d layers (hardware.gptq_dequant_matmul)",
+                 use_frozen_dequant_matmul(model))
+    if getattr(hardware, "dequantize_frozen_base", False):
+        layers = dequantize_frozen_base(model, compute_dtype)
+        log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
+    return model, counts
+
+
 def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
     cfg = ctx.cfg
     if not parent.quantized:
@@ -25,12 +57,7 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
             f"QLoRA needs a 4-bit model, but {parent.label} ({parent.model_path}) is not quantized: "
             "choose quantizer=bnb-nf4 or quantizer=gptq-4bit, or point stage.input at a PTQ run"
         )
-    from ptq_qlora.adapters import attach_lora, dequantize_frozen_base, parameter_counts
-    from ptq_qlora.adapters.qalora import attach_qalora
-    from ptq_qlora.quantizers import get_method, load_quantized
-    from ptq_qlora.quantizers.common import parse_dtype
-
-    lineage = qlora_lineage(cfg, parent.lineage)
+    lineage = qlora_lineage(cfg, parent.lineage, base_method=(parent.quantizer or {}).get("method"))
     reused = reuse_completed(ctx, "qlora", lineage, parent, metrics_prefix="qlora/train")
     if reused:
         return reused
@@ -41,23 +68,9 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         from omegaconf import OmegaConf
 
         qcfg = OmegaConf.create(parent.quantizer)
-        model = load_quantized(qcfg, parent.model_path, compute_dtype=cfg.hardware.dtype, for_training=True)
+        model, counts = trainable_quantized_model(qcfg, parent.model_path, cfg.hardware, targets, settings)
         tokenizer = load_tokenizer(parent.model_path)
-        adapter = get_method(qcfg.method).adapter  # lora, or qa-lora (pooled over the GPTQ groups)
-        attach = partial(attach_qalora, group_size=qcfg.group_size) if adapter == "qa-lora" else attach_lora
-        model = attach(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
-                       gradient_checkpointing=cfg.hardware.gradient_checkpointing)
-        compute_dtype = parse_dtype(cfg.hardware.dtype)
-        if distributed.strategy_for(cfg.hardware, peft=True) == "fsdp":
-            from ptq_qlora.quantizers.bnb import use_float_quant_storage
-
-            # FSDP shards the 4-bit weights only when stored as a float dtype (bnb_4bit_quant_storage)
-            use_float_quant_storage(model, compute_dtype)
-        counts = parameter_counts(model)
         log.info("QLoRA on %s: %s", parent.label, counts)
-        if cfg.hardware.get("dequantize_frozen_base"):
-            layers = dequantize_frozen_base(model, compute_dtype)
-            log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
         metrics = train_causal_lm(
             model, tokenizer, ctx.data.train, cfg.model, settings, cfg.hardware, out, seed=cfg.seed,
             report_to=ctx.tracker.report_to if ctx.tracker else "none",
@@ -68,6 +81,9 @@ def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
         ctx.store.drop_checkpoints(out)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         base_rel = os.path.relpath(parent.model_path, ctx.store.final_dir("qlora", lineage))
+        from ptq_qlora.quantizers import get_method
+
+        adapter = get_method(qcfg.method).adapter
         label = qlora_label(parent.label).replace("+QLoRA", "+QA-LoRA" if adapter == "qa-lora" else "+QLoRA")
         save_ref(out, ModelRef("qlora", label, lineage, base_rel,
                                quantizer=parent.quantizer, adapter_path="adapter"))

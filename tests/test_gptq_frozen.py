@@ -1,0 +1,75 @@
+"""GPTQ base under LoRA through FrozenDequantMatmul (hardware.gptq_dequant_matmul, the GPU profiles'
+path): the same loss and LoRA gradients as gptqmodel's trainable kernel, without keeping any
+dequantized weight for the backward. CPU, tiny random GPTQ model, float32."""
+import pytest
+import torch
+
+from ptq_qlora.adapters import attach_lora
+from ptq_qlora.quantizers import QuantizerConfig, load_quantized, quantize
+from ptq_qlora.quantizers.api import probe_input_ids
+from ptq_qlora.quantizers.gptq_frozen import use_frozen_dequant_matmul
+from ptq_qlora.quantizers.testing import build_tiny_llama, byte_level_tokenizer, lora_gradients, random_texts, \
+    relative_gradient_error
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPTQ = QuantizerConfig(name="gptq-4bit", method="gptq", label="PTQ-GPTQ-4bit", bits=4, group_size=32,
+                       calibration_samples=16, min_calibration_samples=8, calibration_max_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq_frozen")
+    quantize(GPTQ, build_tiny_llama(root / "sft"), root / "gptq", byte_level_tokenizer(), random_texts(24), "float32")
+    return root / "gptq"
+
+
+def _lora_model(gptq_dir, frozen: bool):
+    model = load_quantized(GPTQ, gptq_dir, compute_dtype="float32", for_training=True)
+    torch.manual_seed(0)  # the same LoRA A init in both models
+    model = attach_lora(model, TARGETS, r=4, alpha=8, dropout=0.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    patched = use_frozen_dequant_matmul(model) if frozen else 0
+    return model, patched
+
+
+def _saved_shapes(model, batch) -> set[tuple]:
+    shapes = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.add(tuple(t.shape)) or t, lambda t: t):
+        lora_gradients(model, batch)
+    return shapes
+
+
+def test_frozen_dequant_matmul_matches_the_trainable_kernel_and_saves_no_weight(gptq_dir):
+    batch = probe_input_ids(259, batch=2, length=24)
+    plain, _ = _lora_model(gptq_dir, frozen=False)
+    frozen, patched = _lora_model(gptq_dir, frozen=True)
+    quantized = [m for m in frozen.modules() if hasattr(m, "qweight")]
+    assert patched == len(quantized) == 7 * frozen.config.num_hidden_layers
+
+    loss_plain, grads_plain = lora_gradients(plain, batch)
+    loss_frozen, grads_frozen = lora_gradients(frozen, batch)
+    assert abs(loss_frozen - loss_plain) <= 1e-6 * abs(loss_plain)
+    total, worst = relative_gradient_error(grads_frozen, grads_plain)
+    assert total < 1e-5 and worst < 1e-4, (total, worst)
+    assert all(g.abs().sum() > 0 for g in grads_frozen.values())
+
+    weight_shapes = {(m.in_features, m.out_features) for m in quantized}
+    weight_shapes |= {(o, i) for i, o in weight_shapes}
+    assert _saved_shapes(plain, batch) & weight_shapes  # the stock path keeps dequantized weights...
+    assert not _saved_shapes(frozen, batch) & weight_shapes  # ...this one keeps none
+
+
+def test_bias_and_leading_dims_pass_through(gptq_dir):
+    frozen, _ = _lora_model(gptq_dir, frozen=True)
+    layer = next(m for m in frozen.modules() if hasattr(m, "qweight"))
+    layer.bias = torch.nn.Parameter(torch.randn(layer.out_features), requires_grad=False)
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    expected = x.detach() @ layer.dequantize_weight().float() + layer.bias
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * expected) @ layer.dequantize_weight().float().t(), rtol=1e-4, atol=1e-4)
