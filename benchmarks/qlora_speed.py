@@ -92,7 +92,8 @@ def qcfg(method: str = "bnb"):
     if method == "gptq":
         return QuantizerConfig(name="gptq-4bit", method="gptq", label="PTQ-GPTQ-4bit", bits=4, group_size=128,
                                desc_act=False, act_group_aware=False, sym=True, damp_percent=0.01,
-                               calibration_samples=128, calibration_max_tokens=512, verify_reload=False)
+                               calibration_samples=128, calibration_max_tokens=512, verify_reload=False,
+                               calibration_batch_size=8)  # the GPU profiles' gptq_calibration_batch_size
     return QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4, quant_type="nf4",
                            double_quant=True, verify_reload=False)
 
@@ -148,6 +149,11 @@ def make(args) -> None:
     stats = quantize(qcfg(), src, dst, tokenizer=None, calibration_texts=[], compute_dtype="bfloat16")
     emit(Path(args.out) if args.out else None, what="make", arch=args.arch, layers=config.num_hidden_layers,
          params=params, build_and_save_s=round(build_s, 1), **stats)
+    if args.gptq_random:  # QLoRA over GPTQ without paying for GPTQ: random 4-bit codes in its layout
+        t0 = time.perf_counter()
+        random_gptq_checkpoint(config, Path(args.dir) / "gptq", "cuda:0" if CUDA else "cpu")
+        emit(Path(args.out) if args.out else None, what="make_gptq_random", arch=args.arch,
+             seconds=round(time.perf_counter() - t0, 1))
     if args.gptq:  # item (c): the PTQ stage's GPTQ quantizer on the whole model, its default settings
         memory_start()
         texts = random_texts(128, 600, min(config.vocab_size, 32000))
@@ -158,6 +164,47 @@ def make(args) -> None:
         import shutil
 
         shutil.rmtree(src)
+
+
+def random_gptq_checkpoint(config, out_dir: Path, device: str, group: int = 128) -> None:
+    """A GPTQ checkpoint (gptqmodel v1 layout, 4 bits, group 128, sym, no act-order) with random codes
+    and scales for every decoder linear, random bf16 embeddings/head, unit norms (qalora_deploy.py's
+    writer, for any of ARCHS' Llama-style shapes)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from qalora_deploy import pack_int32
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = {}
+    for name, param in skeleton.named_parameters():
+        module = skeleton.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, torch.nn.Linear) and name != "lm_head.weight":
+            if name.endswith(".bias"):
+                tensors[name] = torch.zeros(param.shape, dtype=torch.bfloat16)
+                continue
+            out_f, in_f = param.shape
+            base, n = name.removesuffix(".weight"), in_f // group
+            codes = torch.randint(0, 16, (in_f, out_f), generator=gen, device=device, dtype=torch.uint8)
+            tensors[f"{base}.qweight"] = pack_int32(codes, 0).cpu()
+            tensors[f"{base}.qzeros"] = pack_int32(torch.full((n, out_f), 7, device=device), 1).cpu()  # v1: 8 - 1
+            tensors[f"{base}.scales"] = (torch.rand(n, out_f, generator=gen, device=device) * 0.004 + 0.004).half().cpu()
+            tensors[f"{base}.g_idx"] = (torch.arange(in_f) // group).to(torch.int32)
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(param.shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.quantization_config = {"bits": 4, "group_size": group, "desc_act": False, "sym": True, "lm_head": False,
+                                  "quant_method": "gptq", "checkpoint_format": "gptq", "format": "gptq",
+                                  "method": "gptq", "pack_dtype": "int32"}
+    config.dtype = torch.bfloat16
+    config.save_pretrained(str(out_dir))
+    del config.quantization_config
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    word_tokenizer(config.vocab_size).save_pretrained(str(out_dir))
 
 
 # --- lengths: the real training mix, tokenized as the stage does ------------------------------------------
@@ -229,7 +276,8 @@ def profile(name: str, overrides: dict) -> SimpleNamespace:
     return SimpleNamespace(**hw)
 
 
-SPEED_OFF = dict(padding_free=False, use_liger_kernel=False, frozen_in_compute_dtype=False, activation_offload=False)
+SPEED_OFF = dict(padding_free=False, use_liger_kernel=False, frozen_in_compute_dtype=False, activation_offload=False,
+                 packed_attention=None)
 
 
 def memory_start() -> float:
@@ -472,7 +520,12 @@ def run_check(args) -> dict:
         _apply_liger_kernel_to_instance(model=model.get_base_model(), fused_linear_cross_entropy=False)
         liger = True
         steps["bf16_frozen_liger"] = loss_and_grads(padded)
-    steps["fast"] = loss_and_grads(packed)  # + packed padding-free rows: the profile's path
+    steps["fast"] = loss_and_grads(packed)  # + packed padding-free rows: the profile's path (sdpa)
+    if CUDA:  # + flex attention for the packed rows (hardware.packed_attention)
+        from ptq_qlora.training import attention_for_packed_rows
+
+        with attention_for_packed_rows(model, "flex_attention"):
+            steps["fast_flex"] = loss_and_grads(packed)
     steps["leaky_control"] = loss_and_grads({k: v for k, v in packed.items() if k != "position_ids"})
     plain_loss, plain_grads = steps["plain"]
     names = list(steps)
@@ -485,7 +538,7 @@ def run_check(args) -> dict:
               "grad_rel_err_vs_previous": {b: rel(steps[b][1], steps[a][1]) for a, b in zip(
                   [n for n in names if n != "plain_reordered"], [n for n in names if n != "plain_reordered"][1:])},
               "peak_gib": peak_gib(), "resident_gib": resident}
-    fast = steps["fast"][1]
+    fast = steps.get("fast_flex", steps["fast"])[1]
     worst = max(plain_grads, key=lambda k: float((fast[k] - plain_grads[k]).norm() / plain_grads[k].norm()))
     result.update(worst_tensor=worst,
                   worst_tensor_rel_err=float((fast[worst] - plain_grads[worst]).norm() / plain_grads[worst].norm()))
@@ -694,6 +747,7 @@ def main() -> None:
     m.add_argument("--layers", type=int, default=None, help="default: the real depth")
     m.add_argument("--keep-bf16", action="store_true", help="keep the bf16 source (sft1b trains it)")
     m.add_argument("--gptq", action="store_true", help="also quantize with the project's GPTQ quantizer (timed)")
+    m.add_argument("--gptq-random", action="store_true", help="also write a GPTQ checkpoint with random codes")
     m.add_argument("--out", default=None)
     ln = sub.add_parser("lengths")
     ln.add_argument("--out", required=True)

@@ -12,9 +12,12 @@ measured each, see benchmarks/RESULTS.md): `padding_free` + `pack_length` (ptq_q
 `use_liger_kernel` (Liger's Triton RMSNorm/SwiGLU/RoPE kernels through the Trainer),
 `activation_offload` (checkpointed layer inputs held in pinned host memory), and
 `frozen_in_compute_dtype` (LoRA over a 4-bit base: frozen norms/embeddings/lm_head stay bf16 instead
-of peft's fp32 upcast, so the residual stream is bf16 as in the model's own training)."""
+of peft's fp32 upcast, so the residual stream is bf16 as in the model's own training), and
+`packed_attention` (the attention implementation for packed rows during training, e.g. flex_attention,
+which skips the masked blocks that sdpa computes under a dense block-diagonal mask)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,6 +58,23 @@ def tokenize_for_training(dataset: "Dataset", tokenizer, model_cfg) -> "Dataset"
         return {**encoded, "length": len(encoded["input_ids"])}  # read by the length-grouped sampler
 
     return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenizing")
+
+
+@contextlib.contextmanager
+def attention_for_packed_rows(model, implementation: str | None):
+    """Within the block the model attends with `implementation` (None: unchanged); restored after,
+    so evaluation and generation of the same model object use the profile's attn_implementation."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(base.config, "_attn_implementation", None)
+    if not implementation or implementation == before:
+        yield
+        return
+    base.set_attn_implementation(implementation)
+    log.info("packed rows attend with %s during training (was %s)", implementation, before)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
 
 
 def speed_option(hardware, name: str, default=False):
@@ -281,7 +301,9 @@ def train_tokenized(
     if resume:
         log.info("resuming training from %s", resume)
     started = time.time()
-    with completion_positions_only():
+    # only when rows do hold several examples: on rows of one example each, sdpa's flash path is faster
+    packed_attention = speed_option(hardware, "packed_attention", None) if len(train_ds) < examples else None
+    with completion_positions_only(), attention_for_packed_rows(model, packed_attention):
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
     if save_dir is not None:

@@ -103,3 +103,20 @@ def test_speed_options_that_change_training_arithmetic_enter_only_the_lineages_t
 
 def test_t4_profile_has_no_bf16():
     assert make(["hardware=t4"]).hardware.dtype == "float16"
+
+
+def test_gptq_calibration_batch_follows_the_hardware_profile():
+    assert make(["quantizer=gptq-4bit"]).quantizer.calibration_batch_size == 1  # cpu: unchanged lineage
+    assert make(["quantizer=gptq-4bit", "hardware=h200"]).quantizer.calibration_batch_size == 8
+    assert make(["quantizer=qa-lora", "hardware=t4"]).quantizer.calibration_batch_size == 8
+    assert make(["quantizer=gptq-4bit", "hardware=h200", "quantizer.calibration_batch_size=2"]).quantizer.calibration_batch_size == 2
+
+
+def test_packed_attention_enters_the_lineage_only_with_packing():
+    plain = make(["stage=pipeline"])
+    flex_unpacked = make(["stage=pipeline", "hardware.packed_attention=flex_attention"])
+    assert sft_lineage(flex_unpacked, "p") == sft_lineage(plain, "p")  # no packed rows: nothing changes
+    packed = make(["stage=pipeline", "hardware.padding_free=true"])
+    flex = make(["stage=pipeline", "hardware.padding_free=true", "hardware.packed_attention=flex_attention"])
+    assert sft_lineage(flex, "p") != sft_lineage(packed, "p") and qlora_lineage(flex, "p") != qlora_lineage(packed, "p")
+    assert make(["hardware=h200"]).hardware.packed_attention == "flex_attention"

@@ -183,3 +183,34 @@ def test_collator_pads_to_fixed_width_unless_a_row_is_longer():
     rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "seq_lengths": [3]}]
     assert PackedRowsCollator(PAD, width=8)(rows)["input_ids"].shape == (1, 8)
     assert PackedRowsCollator(PAD, width=2)(rows)["input_ids"].shape == (1, 3)
+
+
+def test_packed_attention_is_set_for_training_and_restored():
+    from transformers import AutoModelForCausalLM
+
+    from ptq_qlora.models.tiny import tiny_llama_folder
+    from ptq_qlora.training import attention_for_packed_rows
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_folder()), attn_implementation="sdpa")
+    with attention_for_packed_rows(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    with attention_for_packed_rows(model, None):
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_flex_attention_keeps_packed_examples_apart():
+    """The block-diagonal mask transformers builds from restarting position_ids, through flex attention
+    (forward only: torch has no flex backward on CPU; the GPU check is in benchmarks/RESULTS.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from ptq_qlora.models.tiny import tiny_llama_folder
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_folder()), dtype=torch.float32).requires_grad_(False)
+    a, b = torch.randint(3, 200, (1, 20)), torch.randint(3, 200, (1, 12))
+    separate = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+    model.set_attn_implementation("flex_attention")
+    packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(20), torch.arange(12)])[None],
+                   use_cache=False).logits
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,9 @@ class HardwareConfig:
     # --- one-GPU training speed (ptq_qlora/training.py, measured in benchmarks/RESULTS.md); all off on CPU.
     padding_free: bool = False  # examples packed into rows of <= pack_length tokens, no pad, boundaries kept
     pack_length: int = 2048
+    # attention of packed rows while training (None: attn_implementation); flex_attention skips the
+    # masked blocks sdpa computes under a dense block-diagonal mask (GPU only: no flex backward on CPU)
+    packed_attention: Optional[str] = None
     use_liger_kernel: bool = False  # Liger's Triton RMSNorm/SwiGLU/RoPE (needs `pip install .[gpu]`)
     activation_offload: bool = False  # checkpointed layer inputs in pinned host memory
     frozen_in_compute_dtype: bool = False  # QLoRA: frozen norms/embeddings/lm_head stay bf16 (no fp32 upcast)
@@ -37,6 +40,9 @@ class HardwareConfig:
     # QLoRA over GPTQ on a GPU: the base dequantized in forward and again in backward, no 16-bit weight
     # kept for the backward (ptq_qlora/quantizers/gptq_frozen.py)
     gptq_dequant_matmul: bool = False
+    # GPTQ calibration rows per forward: 1 on CPU; on a GPU, 1 makes a 7B's GPTQ overhead-bound
+    # (12.5 s a layer on an H200, benchmarks/RESULTS.md)
+    gptq_calibration_batch_size: int = 1
     # --- several GPUs (ptq_qlora/distributed.py). Used only when started by a launcher
     # (`torchrun --nproc_per_node N train.py ...` or `accelerate launch ...`); a plain
     # `python train.py` stays on one device. Batch sizes above are per GPU: the effective batch is

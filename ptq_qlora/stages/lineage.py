@@ -62,6 +62,8 @@ def _arithmetic_options(cfg, step: str, base_method: str | None = None) -> dict:
           and base_method in _BASE_SPECIFIC.get(key, (base_method,))}
     if on.get("padding_free"):
         on["pack_length"] = cfg.hardware.pack_length
+        if cfg.hardware.get("packed_attention"):
+            on["packed_attention"] = cfg.hardware.packed_attention
     return {"arithmetic": on} if on else {}
 
 
