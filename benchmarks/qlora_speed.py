@@ -463,6 +463,15 @@ def run_gen(args) -> dict:
     return result
 
 
+def randomize_lora_b(model, seed: int = 1, scale: float = 0.01) -> None:
+    """LoRA B starts at zero, which would make every lora_A gradient zero: give it random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+
+
 def run_check(args) -> dict:
     """Requirement 3 on the GPU: on the same real-length rows, the fast path (packed padding-free rows,
     bf16 frozen weights, Liger kernels) gives the plain path's loss and LoRA gradients (padded batch,
@@ -481,11 +490,7 @@ def run_check(args) -> dict:
     model = load_quantized(qcfg(), Path(args.dir) / "nf4", hw.dtype, for_training=True)
     torch.manual_seed(0)
     model = attach_lora(model, TARGETS, r=16, alpha=32, dropout=0.0, gradient_checkpointing=True)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+    randomize_lora_b(model)
     model.train()
     rows = real_rows(args.lengths, args.check_rows, min(model.config.vocab_size, 32000), seed=3)
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(
@@ -560,11 +565,7 @@ def run_gptq_check(args) -> dict:
     torch.manual_seed(0)
     model, _ = trainable_quantized_model(qcfg("gptq"), Path(args.dir) / "gptq", hw, TARGETS,
                                          {"r": 16, "alpha": 32, "dropout": 0.0})
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+    randomize_lora_b(model)
     model.train()
     quantized = [m for m in model.modules() if hasattr(m, "qweight")]
     ids = torch.tensor([r["input_ids"] for r in fixed_rows(4, 512, min(model.config.vocab_size, 32000), seed=5)],
