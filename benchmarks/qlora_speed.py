@@ -93,7 +93,8 @@ def qcfg(method: str = "bnb"):
         return QuantizerConfig(name="gptq-4bit", method="gptq", label="PTQ-GPTQ-4bit", bits=4, group_size=128,
                                desc_act=False, act_group_aware=False, sym=True, damp_percent=0.01,
                                calibration_samples=128, calibration_max_tokens=512, verify_reload=False,
-                               calibration_batch_size=8)  # the GPU profiles' gptq_calibration_batch_size
+                               calibration_batch_size=8,  # the GPU profiles' gptq_calibration_batch_size
+                               pack_impl=os.environ.get("PACK_IMPL") or None)  # gptqmodel's packing (gpu: CUDA)
     return QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4, quant_type="nf4",
                            double_quant=True, verify_reload=False)
 
@@ -272,7 +273,7 @@ def profile(name: str, overrides: dict) -> SimpleNamespace:
     # one micro-batch per optimizer step, as the stock-HF loop: step times compare directly
     hw.update(dataloader_workers=0, num_processes=1, grad_accum=1, **overrides)
     if not CUDA:
-        hw.update(device="cpu", dtype="float32", use_liger_kernel=False)
+        hw.update(device="cpu", dtype="float32", use_liger_kernel=False, packed_attention=None)
     return SimpleNamespace(**hw)
 
 
@@ -366,7 +367,7 @@ def run_hf(args, liger: bool, base: str = "nf4") -> dict:
 
 
 def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,
-                base: str = "nf4", attention: str | None = None) -> dict:
+                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None) -> dict:
     """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows;
     `base`: the nf4 or gptq checkpoint made by `make`; `attention`: another attention implementation
     (an experiment: the stage uses sdpa)."""
@@ -403,12 +404,43 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
     clock.mark(0)
     metrics = train_tokenized(model, tokenizer, Dataset.from_list(rows), train_cfg, hw,
                               Path(f"/tmp/qlora_speed_{os.getpid()}_{time.time_ns()}"), seed=0,
-                              max_length=args.max_length, callbacks=[callback])
+                              max_length=args.max_length, callbacks=[callback, *(extra_callbacks or [])])
     result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident,
               "losses": [round(x, 4) for x in metrics["loss_curve"]], "rows": len(rows),
               "train_rows": metrics["train_rows"], "hardware": vars(hw) | {"name": hardware},
               "tokens_per_step_mean": metrics["train_tokens_seen"] / max(metrics["train_steps"], 1)}
     del model
+    return result
+
+
+def run_profile(args) -> dict:
+    """Where a step of the project's QLoRA path spends its time: torch.profiler over steps 3-4 of the
+    `project` mode, kernels grouped by name, the 30 largest by device (CPU: host) self time."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    holder = {}
+
+    class Window(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == 2:
+                holder["prof"] = profile(activities=activities)
+                holder["prof"].__enter__()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 4 and "prof" in holder:
+                sync()
+                holder["prof"].__exit__(None, None, None)
+
+    result = run_project(args, {}, "fixed", extra_callbacks=[Window()])
+    key = "self_device_time_total" if CUDA else "self_cpu_time_total"
+    events = [e for e in holder["prof"].key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:30]
+    result["profile"] = {"steps": 2, "total_ms": total / 1e3, "time": key, "top": [
+        {"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 2),
+         "share": round(getattr(e, key) / total, 4)} for e in top]}
     return result
 
 
@@ -617,6 +649,7 @@ MODES = {
     "real_flex": lambda a: run_project(a, {}, "real", attention="flex_attention"),
     "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
     "gen": run_gen,
+    "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
     "sft1b_before": lambda a: run_project(a, SPEED_OFF, "real", sft=True),
 }
@@ -708,6 +741,14 @@ def table(args) -> None:
               f"{g['new_tokens']} new tokens each): HF generate batch 1 {g['hf_batch1']['tok_s']:.1f} tok/s; "
               f"eval stage batched (batch {g['batched']['batch_size']}) {g['batched']['tok_s']:.1f} tok/s; "
               f"speedup {g['speedup']:.1f}x")
+    pr = modes.get("profile")
+    if pr:
+        p = pr["profile"]
+        print(f"\nprofile of {p['steps']} steps ({p['time']}, {p['total_ms']:.0f} ms in all): the 30 largest")
+        print("| kernel / op | calls | ms | share |")
+        print("| --- | ---: | ---: | ---: |")
+        for e in p["top"]:
+            print(f"| {e['name']} | {e['calls']} | {e['ms']:.1f} | {e['share']:.1%} |")
     c = modes.get("check")
     if c:
         print(f"\ncheck ({c['rows']} real-length rows, {c['tokens']} tokens; padded {c['padded_shape']} vs packed "

@@ -8,6 +8,7 @@
 # ONLY=recheck: the second call (check with its noise floor, real data and fixed shape after the
 # fixed-width fix). ONLY=extra: the other 7B shapes (8 layers) and full SFT of a 1.1B shape.
 # ONLY=gptq: GPTQ quantization time of the 7B and QLoRA over GPTQ vs NF4 (also carry .site-qalora).
+# ONLY=next: a kernel profile of the project's step and GPTQ with CUDA packing (not run yet).
 set -u
 OUT=${OUT:-$PWD/bench_out}; mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -36,6 +37,13 @@ elif [ "${ONLY:-}" = gptq ]; then  # GPTQ: the PTQ stage's quantizer on the 7B (
   timeout 170 $S run --dir $B/llama2 --arch llama2 --budget-s 100 \
     --modes project,project_gptq,gptq_check,hf_gptq,project_gptq_plain --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = next ]; then  # written for the next session, not run yet: where a step's time goes,
+  # and GPTQ of the 7B with gptqmodel's CUDA packing (quantizer.pack_impl=gpu), to the end this time
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
+  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  timeout 120 $S run --dir $B/llama2 --arch llama2 --modes profile --out "$R" > "$OUT/log.txt" 2>&1
+  PACK_IMPL=gpu timeout 330 $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
+  echo "gptq make rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

@@ -303,6 +303,10 @@ def train_tokenized(
     started = time.time()
     # only when rows do hold several examples: on rows of one example each, sdpa's flash path is faster
     packed_attention = speed_option(hardware, "packed_attention", None) if len(train_ds) < examples else None
+    if packed_attention == "flex_attention" and hardware.device == "cpu":
+        log.warning("packed_attention=flex_attention: torch has no flex backward on CPU; packed rows keep %s",
+                    hardware.attn_implementation)
+        packed_attention = None
     with completion_positions_only(), attention_for_packed_rows(model, packed_attention):
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started

@@ -120,3 +120,11 @@ def test_packed_attention_enters_the_lineage_only_with_packing():
     flex = make(["stage=pipeline", "hardware.padding_free=true", "hardware.packed_attention=flex_attention"])
     assert sft_lineage(flex, "p") != sft_lineage(packed, "p") and qlora_lineage(flex, "p") != qlora_lineage(packed, "p")
     assert make(["hardware=h200"]).hardware.packed_attention == "flex_attention"
+
+
+def test_gptq_pack_impl_is_not_in_the_ptq_lineage():
+    from ptq_qlora.stages.lineage import ptq_lineage
+
+    default = make(["stage=pipeline", "quantizer=gptq-4bit"])
+    assert ptq_lineage(make(["stage=pipeline", "quantizer=gptq-4bit", "quantizer.pack_impl=gpu"]), "p") == \
+        ptq_lineage(default, "p")

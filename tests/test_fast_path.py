@@ -166,7 +166,8 @@ def test_train_tokenized_padding_free_on_cpu(tmp_path, monkeypatch):
     model = _lora_model("sdpa")
     hw = SimpleNamespace(name="cpu", device="cpu", dtype="float32", train_dtype="float32", train_batch_size=2,
                          grad_accum=1, dataloader_workers=0, gradient_checkpointing=False, padding_free=True,
-                         pack_length=96, num_processes=1)
+                         pack_length=96, num_processes=1, attn_implementation="sdpa",
+                         packed_attention="flex_attention")  # no flex backward on CPU: kept at sdpa, warned
     train_cfg = dict(lr=1e-3, scheduler="constant", epochs=1, max_steps=-1, warmup=0, weight_decay=0.0,
                      max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_steps=1000, save_total_limit=1,
                      group_by_length=True)

@@ -73,3 +73,27 @@ def test_bias_and_leading_dims_pass_through(gptq_dir):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.square().sum().backward()
     torch.testing.assert_close(x.grad, (2 * expected) @ layer.dequantize_weight().float().t(), rtol=1e-4, atol=1e-4)
+
+
+def test_pack_impl_reaches_gptqmodel_and_keeps_the_bytes(gptq_dir, tmp_path, monkeypatch):
+    """quantizer.pack_impl (gptqmodel's packing implementation) is passed on and writes the same checkpoint."""
+    from dataclasses import replace
+
+    import gptqmodel
+    from safetensors.torch import load_file
+
+    original_config, seen = gptqmodel.QuantizeConfig, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("pack_impl"))
+        return original_config(*args, **kwargs)
+
+    monkeypatch.setattr(gptqmodel, "QuantizeConfig", spy)
+    quantize(replace(GPTQ, pack_impl="original"), gptq_dir.parent / "sft", tmp_path / "original",
+             byte_level_tokenizer(), random_texts(24), "float32")
+    assert seen == ["original"]
+    ours = load_file(str(gptq_dir / "model.safetensors"))
+    original = load_file(str(tmp_path / "original" / "model.safetensors"))
+    assert ours.keys() == original.keys()
+    for key in ours:
+        assert torch.equal(ours[key], original[key]), key

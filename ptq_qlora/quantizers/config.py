@@ -35,6 +35,9 @@ class QuantizerConfig:
     calibration_max_tokens: int = 512  # each sample is truncated to this many tokens
     calibration_min_tokens: int = 10  # shorter samples are dropped (gptqmodel drops them silently)
     calibration_batch_size: int = 1
+    # gptqmodel's packing of finished layers: null = its default (block CPU pack); "gpu" packs on CUDA.
+    # Same bytes either way (not in the lineage). Suspected cost of a 7B's GPTQ on a GPU (not measured).
+    pack_impl: Optional[str] = None
     # gptqmodel kernel names (gptq_torch, gptq_torch_aten, auto, auto_trainable, ...). null = per device:
     # CPU eval -> gptq_torch_aten (fast int4 matmul), CPU train -> gptq_torch; CUDA -> auto / auto_trainable.
     backend_eval: Optional[str] = None

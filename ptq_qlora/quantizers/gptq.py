@@ -142,6 +142,7 @@ def _quantize(qcfg, src_dir: Path, out_dir: Path, tokenizer, calibration_texts, 
         # gptqmodel's default offloads finished layers to a temp folder and leaves meta tensors behind,
         # so the in-memory result could not be run or compared with the saved checkpoint.
         offload_to_disk=False,
+        **({"pack_impl": qcfg.pack_impl} if qcfg.pack_impl else {}),
     )
     # dtype: gptqmodel's "auto" picks bf16 on CPU and would store embeddings/norms/lm_head in bf16
     # even for an fp32 source; follow the caller's compute dtype instead.

@@ -11,8 +11,9 @@ from ptq_qlora.runstore import lineage_of
 _DATA_LOCATION_KEYS = ("local_dir", "source")
 # task settings that score outputs, not shape data or models: only the eval lineage sees them
 _TASK_SCORING_KEYS = ("alignscore",)
-# quantizer settings that only change how a checkpoint is loaded or checked, not its weights
-_QUANTIZER_LOADING_KEYS = ("verify_reload", "backend_eval", "backend_train", "cpu_packed_eval")
+# quantizer settings that only change how a checkpoint is made, loaded or checked, not its weights
+# (kernels, the reload check, gptqmodel's packing implementation: same bytes)
+_QUANTIZER_LOADING_KEYS = ("verify_reload", "backend_eval", "backend_train", "cpu_packed_eval", "pack_impl")
 
 
 def _plain(node) -> dict:
