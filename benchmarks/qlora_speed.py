@@ -367,7 +367,8 @@ def run_hf(args, liger: bool, base: str = "nf4") -> dict:
 
 
 def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,
-                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None) -> dict:
+                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None,
+                fuse_lora: bool = False) -> dict:
     """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows;
     `base`: the nf4 or gptq checkpoint made by `make`; `attention`: another attention implementation
     (an experiment: the stage uses sdpa)."""
@@ -389,6 +390,10 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
         torch.manual_seed(0)
         model, _ = trainable_quantized_model(qcfg("gptq" if base == "gptq" else "bnb"), folder, hw, TARGETS,
                                              {"r": 16, "alpha": 32, "dropout": 0.0})
+    if fuse_lora:  # experiment: LoRA's update added in one addmm (ptq_qlora/adapters/fused_lora.py)
+        from ptq_qlora.adapters.fused_lora import fuse_lora_add
+
+        fuse_lora_add(model)
     if attention:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
     vocab = min(model.config.vocab_size, 32000)
@@ -648,6 +653,7 @@ MODES = {
     "real": lambda a: run_project(a, {}, "real"),
     "real_flex": lambda a: run_project(a, {}, "real", attention="flex_attention"),
     "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
+    "project_fusedlora": lambda a: run_project(a, {}, "fixed", fuse_lora=True),
     "gen": run_gen,
     "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -700,7 +706,8 @@ def table(args) -> None:
              "project": "project QLoRA path, h200 profile (after)",
              "project_offload": "project, h200 profile + activation_offload",
              "project_nockpt": "project, h200 profile, no checkpointing",
-             "project_flex": "project, h200 profile, flex attention (experiment)"}
+             "project_flex": "project, h200 profile, flex attention (experiment)",
+             "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment)"}
     print("| run | tok/s | step s | peak GiB | x stock HF | x unsloth (H100 ref 11,451) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, label in names.items():

@@ -41,7 +41,7 @@ elif [ "${ONLY:-}" = next ]; then  # written for the next session, not run yet: 
   # and GPTQ of the 7B with gptqmodel's CUDA packing (quantizer.pack_impl=gpu), to the end this time
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
   timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  timeout 120 $S run --dir $B/llama2 --arch llama2 --modes profile --out "$R" > "$OUT/log.txt" 2>&1
+  timeout 150 $S run --dir $B/llama2 --arch llama2 --modes profile,project,project_fusedlora --out "$R" > "$OUT/log.txt" 2>&1
   PACK_IMPL=gpu timeout 330 $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
   echo "gptq make rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then

@@ -1,0 +1,63 @@
+"""fuse_lora_add: LoRA's update added with one addmm gives peft's loss and LoRA gradients (float32 on
+CPU, over a plain and a 4-bit base), and layers it cannot handle keep peft's forward."""
+import pytest
+import torch
+
+from ptq_qlora.adapters import attach_lora
+from ptq_qlora.adapters.fused_lora import fuse_lora_add
+from ptq_qlora.quantizers import QuantizerConfig, load_quantized, quantize
+from ptq_qlora.quantizers.api import probe_input_ids
+from ptq_qlora.quantizers.testing import build_tiny_llama, byte_level_tokenizer, lora_gradients, relative_gradient_error
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BNB = QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    src = build_tiny_llama(root / "sft")
+    quantize(BNB, src, root / "bnb", byte_level_tokenizer(), [], "float32")
+    return root
+
+
+def _model(folders, base: str, dropout: float = 0.0):
+    from transformers import AutoModelForCausalLM
+
+    if base == "bnb":
+        model = load_quantized(BNB, folders / "bnb", compute_dtype="float32", for_training=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folders / "sft"), dtype=torch.float32)
+    torch.manual_seed(0)
+    model = attach_lora(model, TARGETS, r=4, alpha=8, dropout=dropout)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero, which would make every lora_A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("base", ["plain", "bnb"])
+def test_fused_add_gives_peft_loss_and_gradients(folders, base):
+    batch = probe_input_ids(259, batch=2, length=24)
+    peft_loss, peft_grads = lora_gradients(_model(folders, base), batch)
+    fused = _model(folders, base)
+    assert fuse_lora_add(fused) == 7 * fused.config.num_hidden_layers
+    loss, grads = lora_gradients(fused, batch)
+    assert abs(loss - peft_loss) <= 1e-6 * abs(peft_loss)
+    total, worst = relative_gradient_error(grads, peft_grads)
+    assert total < 1e-5 and worst < 1e-4, (total, worst)
+
+
+def test_layers_with_dropout_or_disabled_adapters_keep_peft_forward(folders):
+    batch = probe_input_ids(259, batch=2, length=24)
+    peft_model, fused = _model(folders, "plain", dropout=0.1), _model(folders, "plain", dropout=0.1)
+    fuse_lora_add(fused)
+    torch.manual_seed(1)
+    expected = peft_model(input_ids=batch).logits
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused(input_ids=batch).logits, expected)  # same dropout draws: peft's path
+    with fused.disable_adapter():
+        torch.testing.assert_close(fused(input_ids=batch).logits,
+                                   fused.get_base_model()(input_ids=batch).logits)
