@@ -216,28 +216,15 @@ def save_trained_model(trainer, model, save_dir: str | Path, dtype=None) -> None
     accelerator.wait_for_everyone()
 
 
-def train_causal_lm(
-    model,
-    tokenizer,
-    train_rows: "Dataset",
-    model_cfg,
-    train_cfg: dict,
-    hardware,
-    out_dir: Path,
-    seed: int,
-    report_to: str = "none",
-    max_length: int | None = None,
-    run_name: str | None = None,
-    save_dir: Path | None = None,
-) -> dict:
+def train_causal_lm(model, tokenizer, train_rows: "Dataset", model_cfg, train_cfg: dict, hardware, out_dir: Path,
+                    seed: int, **options) -> dict:
     """Train `model` in place on prompt/completion rows; checkpoints go to `out_dir/checkpoints` and a
-    rerun resumes from the newest one. With `save_dir`, the trained model (a PEFT model: its adapter)
-    is saved there as a normal HF folder, also when it was sharded over several GPUs. Returns
-    training metrics."""
+    rerun resumes from the newest one. `options` are `train_tokenized`'s (report_to, max_length,
+    run_name, save_dir: the trained model, a PEFT model's adapter, saved there as a normal HF folder,
+    also when it was sharded over several GPUs). Returns training metrics."""
     _prepare_launch(model, hardware)  # before the (slow) tokenization: a wrong launch fails first
     train_ds = tokenize_for_training(train_rows, tokenizer, model_cfg)
-    return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, report_to=report_to,
-                           max_length=max_length, run_name=run_name, save_dir=save_dir)
+    return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, **options)
 
 
 def _prepare_launch(model, hardware) -> bool:
