@@ -54,13 +54,19 @@ _ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel"),
                                  "gptq_dequant_matmul")}
 
 
-# Options that act on one kind of 4-bit base only: in the lineage only for that base.
+# Options that act on one kind of 4-bit base only: applied to, and in the lineage of, that base only.
 _BASE_SPECIFIC = {"gptq_dequant_matmul": ("gptq", "qalora")}
 
 
+def option_applies(hardware, key: str, base_method: str | None = None) -> bool:
+    """The hardware option `key` is on and acts on this run (for base-specific options: on this base)."""
+    from ptq_qlora.training import speed_option  # reads profiles and plain namespaces (benchmarks) alike
+
+    return bool(speed_option(hardware, key)) and (key not in _BASE_SPECIFIC or base_method in _BASE_SPECIFIC[key])
+
+
 def _arithmetic_options(cfg, step: str, base_method: str | None = None) -> dict:
-    on = {key: True for key in _ARITHMETIC_OPTIONS[step] if cfg.hardware.get(key)
-          and base_method in _BASE_SPECIFIC.get(key, (base_method,))}
+    on = {key: True for key in _ARITHMETIC_OPTIONS[step] if option_applies(cfg.hardware, key, base_method)}
     if on.get("padding_free"):
         on["pack_length"] = cfg.hardware.pack_length
         if cfg.hardware.get("packed_attention"):

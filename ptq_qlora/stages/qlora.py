@@ -11,7 +11,7 @@ from ptq_qlora import distributed
 from ptq_qlora.models.loading import load_tokenizer
 from ptq_qlora.point_labels import qlora_label
 from ptq_qlora.stages.context import JobContext, reuse_completed
-from ptq_qlora.stages.lineage import qlora_lineage, train_settings
+from ptq_qlora.stages.lineage import option_applies, qlora_lineage, train_settings
 from ptq_qlora.stages.refs import ModelRef, ref_from_stage_folder, save_ref
 from ptq_qlora.training import train_causal_lm
 
@@ -39,12 +39,12 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
         # FSDP shards the 4-bit weights only when stored as a float dtype (bnb_4bit_quant_storage)
         use_float_quant_storage(model, compute_dtype)
     counts = parameter_counts(model)
-    if getattr(hardware, "gptq_dequant_matmul", False) and qcfg.method in ("gptq", "qalora"):
+    if option_applies(hardware, "gptq_dequant_matmul", qcfg.method):
         from ptq_qlora.quantizers.gptq_frozen import use_frozen_dequant_matmul
 
         log.info("GPTQ base without saved 16-bit weights: %d layers (hardware.gptq_dequant_matmul)",
                  use_frozen_dequant_matmul(model))
-    if getattr(hardware, "dequantize_frozen_base", False):
+    if option_applies(hardware, "dequantize_frozen_base"):
         layers = dequantize_frozen_base(model, compute_dtype)
         log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
     return model, counts
