@@ -278,7 +278,7 @@ def profile(name: str, overrides: dict) -> SimpleNamespace:
 
 
 SPEED_OFF = dict(padding_free=False, use_liger_kernel=False, frozen_in_compute_dtype=False, activation_offload=False,
-                 packed_attention=None)
+                 packed_attention=None, fused_lora=False)
 
 
 def memory_start() -> float:
@@ -367,8 +367,7 @@ def run_hf(args, liger: bool, base: str = "nf4") -> dict:
 
 
 def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,
-                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None,
-                fuse_lora: bool = False) -> dict:
+                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None) -> dict:
     """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows;
     `base`: the nf4 or gptq checkpoint made by `make`; `attention`: another attention implementation
     (an experiment: the stage uses sdpa)."""
@@ -390,10 +389,6 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
         torch.manual_seed(0)
         model, _ = trainable_quantized_model(qcfg("gptq" if base == "gptq" else "bnb"), folder, hw, TARGETS,
                                              {"r": 16, "alpha": 32, "dropout": 0.0})
-    if fuse_lora:  # experiment: LoRA's update added in one addmm (ptq_qlora/adapters/fused_lora.py)
-        from ptq_qlora.adapters.fused_lora import fuse_lora_add
-
-        fuse_lora_add(model)
     if attention:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
     vocab = min(model.config.vocab_size, 32000)
@@ -594,10 +589,12 @@ def run_gptq_check(args) -> dict:
     bf16 rounding (noise floor: the stock kernel on the same rows in reverse batch order)."""
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear
 
+    from ptq_qlora.adapters.fused_lora import fuse_lora_layers
+    from ptq_qlora.quantizers import gptq_frozen
     from ptq_qlora.quantizers.gptq_frozen import dequantized_weight, use_frozen_dequant_matmul
     from ptq_qlora.stages.qlora import trainable_quantized_model
 
-    hw = profile("h200", {"gptq_dequant_matmul": False})
+    hw = profile("h200", {"gptq_dequant_matmul": False, "fused_lora": False})
     resident = memory_start()
     torch.manual_seed(0)
     model, _ = trainable_quantized_model(qcfg("gptq"), Path(args.dir) / "gptq", hw, TARGETS,
@@ -623,6 +620,23 @@ def run_gptq_check(args) -> dict:
     memory_start()
     steps["frozen_dequant_matmul"] = loss_and_grads(ids)
     frozen_peak = peak_gib()
+    # the stock kernel rounds each weight to float16 first, the frozen path straight to bf16: the same
+    # path over float16-rounded weights, and autograd over the bf16 weights it computes, separate the
+    # weights' rounding from the function's correctness (a random 7B amplifies tiny weight changes)
+    direct = gptq_frozen.dequantized_weight
+    gptq_frozen.dequantized_weight = lambda layer, dtype: direct(layer, torch.float16).to(dtype)
+    try:
+        steps["frozen_dequant_matmul_fp16_weights"] = loss_and_grads(ids)
+    finally:
+        gptq_frozen.dequantized_weight = direct
+    compute = torch.bfloat16 if CUDA else torch.float32  # the check's autocast dtype (none on CPU)
+    saved = {m: direct(m, compute) for m in quantized}
+    for m in quantized:
+        m.forward = lambda x, m=m: (x.to(compute) @ saved[m]) + (m.bias if m.bias is not None else 0)
+    steps["autograd_over_bf16_weights"] = loss_and_grads(ids)
+    del saved
+    fused = fuse_lora_layers(model)
+    steps["fused_lora"] = loss_and_grads(ids)
     dequant_err = max(float((dequantized_weight(m, torch.float32)
                              - PackableQuantLinear.dequantize_weight(m).float()).abs().max()) for m in quantized[:7])
     base_loss, base_grads = steps["stock"]
@@ -632,6 +646,9 @@ def run_gptq_check(args) -> dict:
               "losses": {k: v[0] for k, v in steps.items()},
               "loss_rel_diff_vs_stock": {k: abs(v[0] - base_loss) / base_loss for k, v in steps.items()},
               "grad_rel_err_vs_stock": {k: rel(v[1], base_grads) for k, v in steps.items()},
+              "grad_rel_err_vs_bf16_weights": {k: rel(v[1], steps["autograd_over_bf16_weights"][1])
+                                               for k, v in steps.items()},
+              "fused_layers": fused,
               "peak_gib": peak_gib(), "peak_gib_frozen_step": frozen_peak, "resident_gib": resident}
     del model
     return result
@@ -647,13 +664,14 @@ MODES = {
     "project_offload": lambda a: run_project(a, {"activation_offload": True}, "fixed"),
     "project_nockpt": lambda a: run_project(a, {"gradient_checkpointing": False}, "fixed"),
     "hf_gptq": lambda a: run_hf(a, liger=False, base="gptq"),
-    "project_gptq_plain": lambda a: run_project(a, {"gptq_dequant_matmul": False}, "fixed", base="gptq"),
+    "project_gptq_plain": lambda a: run_project(a, {"gptq_dequant_matmul": False, "fused_lora": False}, "fixed",
+                                                base="gptq"),
     "project_gptq": lambda a: run_project(a, {}, "fixed", base="gptq"),
     "real_before": lambda a: run_project(a, SPEED_OFF, "real"),
     "real": lambda a: run_project(a, {}, "real"),
     "real_flex": lambda a: run_project(a, {}, "real", attention="flex_attention"),
     "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
-    "project_fusedlora": lambda a: run_project(a, {}, "fixed", fuse_lora=True),
+    "project_unfused": lambda a: run_project(a, {"fused_lora": False}, "fixed"),
     "gen": run_gen,
     "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -707,7 +725,8 @@ def table(args) -> None:
              "project_offload": "project, h200 profile + activation_offload",
              "project_nockpt": "project, h200 profile, no checkpointing",
              "project_flex": "project, h200 profile, flex attention (experiment)",
-             "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment)"}
+             "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
+             "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)"}
     print("| run | tok/s | step s | peak GiB | x stock HF | x unsloth (H100 ref 11,451) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, label in names.items():
@@ -774,8 +793,10 @@ def table(args) -> None:
               f"{gc_['dequant_max_abs_diff_triton_vs_torch']:.2e}; peak {gc_['peak_gib']:.2f} GiB, frozen step "
               f"{gc_['peak_gib_frozen_step']:.2f} GiB):")
         for k, loss in gc_["losses"].items():
+            vs_bf16 = gc_.get("grad_rel_err_vs_bf16_weights", {}).get(k)
             print(f"| {k} | loss {loss:.5f} | rel {gc_['loss_rel_diff_vs_stock'][k]:.2e} | "
-                  f"LoRA grad rel err {gc_['grad_rel_err_vs_stock'][k]:.2e} |")
+                  f"LoRA grad rel err {gc_['grad_rel_err_vs_stock'][k]:.2e} |"
+                  + ("" if vs_bf16 is None else f" vs autograd over the same bf16 weights {vs_bf16:.2e} |"))
     for r in records:
         if r.get("what") == "make_gptq":
             print(f"\nGPTQ quantization ({r['arch']}, {r['layers']} layers, {r['calibration_texts_given']} texts, "

@@ -37,12 +37,17 @@ elif [ "${ONLY:-}" = gptq ]; then  # GPTQ: the PTQ stage's quantizer on the 7B (
   timeout 170 $S run --dir $B/llama2 --arch llama2 --budget-s 100 \
     --modes project,project_gptq,gptq_check,hf_gptq,project_gptq_plain --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
-elif [ "${ONLY:-}" = next ]; then  # written for the next session, not run yet: where a step's time goes,
-  # and GPTQ of the 7B with gptqmodel's CUDA packing (quantizer.pack_impl=gpu), to the end this time
+elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time goes, the one-addmm LoRA add,
+  # QLoRA over GPTQ with the dequantization straight to bf16 (and its gradient check)
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
-  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  timeout 150 $S run --dir $B/llama2 --arch llama2 --modes profile,project,project_fusedlora --out "$R" > "$OUT/log.txt" 2>&1
-  PACK_IMPL=gpu timeout 330 $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 250 \
+    --modes profile,project,project_fusedlora,project_gptq,gptq_check --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ of the 7B with gptqmodel's CUDA packing (quantizer.pack_impl=gpu)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
+  PACK_IMPL=gpu timeout 500 $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
   echo "gptq make rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do

@@ -10,7 +10,8 @@ benchmarks/fsdp_sft.py use, and `save_trained_model` gathers a sharded model int
 One-GPU speed options of the hardware profile (all off on the cpu profile; benchmarks/qlora_speed.py
 measured each, see benchmarks/RESULTS.md): `padding_free` + `pack_length` (ptq_qlora/packing.py),
 `use_liger_kernel` (Liger's Triton RMSNorm/SwiGLU/RoPE kernels through the Trainer),
-`activation_offload` (checkpointed layer inputs held in pinned host memory), and
+`activation_offload` (checkpointed layer inputs held in pinned host memory, copied on a side CUDA
+stream: ptq_qlora/activation_offload.py), and
 `frozen_in_compute_dtype` (LoRA over a 4-bit base: frozen norms/embeddings/lm_head stay bf16 instead
 of peft's fp32 upcast, so the residual stream is bf16 as in the model's own training), and
 `packed_attention` (the attention implementation for packed rows during training, e.g. flex_attention,
@@ -128,6 +129,8 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
     """Keyword arguments for `transformers.TrainingArguments` (and TRL's SFTConfig, its subclass):
     the step's hyperparameters, the hardware profile's batch/precision, and, when launched on several
     GPUs, its DDP or FSDP settings (`peft`: LoRA over a frozen base, which uses `qlora_distributed`)."""
+    launch = distributed.trainer_distributed_args(hardware, peft=peft)
+    activation_offload_applies(launch, hardware)  # a wrong combination fails when the arguments are built
     return dict(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -156,7 +159,7 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
         disable_tqdm=not distributed.is_main_process(),
         use_liger_kernel=_liger_available(hardware),
         **precision_flags(hardware.dtype, hardware.device),
-        **_with_activation_offload(distributed.trainer_distributed_args(hardware, peft=peft), hardware),
+        **launch,
     )
 
 
@@ -173,16 +176,17 @@ def _liger_available(hardware) -> bool:
     return True
 
 
-def _with_activation_offload(args: dict, hardware) -> dict:
-    """`activation_offload`: the Trainer's checkpointing keeps each checkpointed layer's input in
-    pinned host memory (transformers' `offload`). Not under FSDP's own checkpointing."""
+def activation_offload_applies(args: dict, hardware) -> bool:
+    """`activation_offload` acts on a run with these Trainer arguments: the profile asks for it and the
+    Trainer checkpoints. The Trainer keeps its plain checkpointing arguments; `train_tokenized` then
+    swaps in the asynchronous offloaded checkpoint (ptq_qlora/activation_offload.py). Not under FSDP's
+    own checkpointing."""
     if not (speed_option(hardware, "activation_offload") and args.get("activation_checkpointing")):
-        return args
+        return False
     if args.get("fsdp"):
         raise ValueError("activation_offload works with the Trainer's checkpointing, not FSDP's; "
                          "use fsdp_cpu_offload for FSDP")
-    kwargs = dict(args.get("activation_checkpointing_kwargs") or {"use_reentrant": False})
-    return {**args, "activation_checkpointing_kwargs": {**kwargs, "offload": True}}
+    return True
 
 
 def save_trained_model(trainer, model, save_dir: str | Path, dtype=None) -> None:
@@ -277,11 +281,13 @@ def train_tokenized(
 
         log.info("frozen fp32 weights cast to bf16: %d values", keep_frozen_in_compute_dtype(model, resolve_dtype("bfloat16")))
     ckpt_dir = out_dir / "checkpoints"
-    args = SFTConfig(
-        **trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name, peft=peft),
-        completion_only_loss=True,
-        max_length=max_length,
-    )
+    arguments = trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name, peft=peft)
+    args = SFTConfig(**arguments, completion_only_loss=True, max_length=max_length)
+    callbacks = list(callbacks or [])
+    if activation_offload_applies(arguments, hardware):
+        from ptq_qlora.activation_offload import offload_callback
+
+        callbacks.append(offload_callback())  # after the Trainer enables checkpointing in train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          data_collator=collator, callbacks=callbacks)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None

@@ -127,7 +127,9 @@ def test_speed_options_in_trainer_arguments(caplog):
                          use_liger_kernel=True)
     with caplog.at_level(logging.WARNING):
         args = training.trainer_arguments(train_cfg, hw, "/tmp/x", seed=0)
-    assert args["activation_checkpointing_kwargs"] == {"use_reentrant": False, "offload": True}
+    # the Trainer keeps plain checkpointing; train_tokenized swaps in ptq_qlora/activation_offload.py
+    assert "offload" not in (args.get("activation_checkpointing_kwargs") or {})
+    assert args["activation_checkpointing"] and training.activation_offload_applies(args, hw)
     import importlib.util
 
     assert args["use_liger_kernel"] == (importlib.util.find_spec("liger_kernel") is not None)
@@ -136,6 +138,7 @@ def test_speed_options_in_trainer_arguments(caplog):
     cpu = SimpleNamespace(**{**vars(hw), "gradient_checkpointing": False, "use_liger_kernel": False})
     args = training.trainer_arguments(train_cfg, cpu, "/tmp/x", seed=0)
     assert "activation_checkpointing_kwargs" not in args and args["use_liger_kernel"] is False
+    assert not training.activation_offload_applies(args, cpu)
 
 
 def test_keep_frozen_in_compute_dtype_casts_only_frozen_float32():

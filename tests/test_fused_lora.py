@@ -1,10 +1,11 @@
-"""fuse_lora_add: LoRA's update added with one addmm gives peft's loss and LoRA gradients (float32 on
-CPU, over a plain and a 4-bit base), and layers it cannot handle keep peft's forward."""
+"""fuse_lora_layers (hardware.fused_lora): base matmul and LoRA as one autograd function give peft's loss
+and LoRA gradients (float32 on CPU, over a plain and a 4-bit base), keep no dense base weight for the
+backward, and layers it cannot handle keep peft's forward."""
 import pytest
 import torch
 
 from ptq_qlora.adapters import attach_lora
-from ptq_qlora.adapters.fused_lora import fuse_lora_add
+from ptq_qlora.adapters.fused_lora import fuse_lora_layers
 from ptq_qlora.quantizers import QuantizerConfig, load_quantized, quantize
 from ptq_qlora.quantizers.api import probe_input_ids
 from ptq_qlora.quantizers.testing import build_tiny_llama, byte_level_tokenizer, lora_gradients, relative_gradient_error
@@ -43,7 +44,7 @@ def test_fused_add_gives_peft_loss_and_gradients(folders, base):
     batch = probe_input_ids(259, batch=2, length=24)
     peft_loss, peft_grads = lora_gradients(_model(folders, base), batch)
     fused = _model(folders, base)
-    assert fuse_lora_add(fused) == 7 * fused.config.num_hidden_layers
+    assert fuse_lora_layers(fused) == 7 * fused.config.num_hidden_layers
     loss, grads = lora_gradients(fused, batch)
     assert abs(loss - peft_loss) <= 1e-6 * abs(peft_loss)
     total, worst = relative_gradient_error(grads, peft_grads)
@@ -53,7 +54,7 @@ def test_fused_add_gives_peft_loss_and_gradients(folders, base):
 def test_layers_with_dropout_or_disabled_adapters_keep_peft_forward(folders):
     batch = probe_input_ids(259, batch=2, length=24)
     peft_model, fused = _model(folders, "plain", dropout=0.1), _model(folders, "plain", dropout=0.1)
-    fuse_lora_add(fused)
+    fuse_lora_layers(fused)
     torch.manual_seed(1)
     expected = peft_model(input_ids=batch).logits
     torch.manual_seed(1)
@@ -61,3 +62,28 @@ def test_layers_with_dropout_or_disabled_adapters_keep_peft_forward(folders):
     with fused.disable_adapter():
         torch.testing.assert_close(fused(input_ids=batch).logits,
                                    fused.get_base_model()(input_ids=batch).logits)
+
+
+def test_fused_layers_keep_no_dense_base_weight(folders):
+    batch = probe_input_ids(259, batch=2, length=24)
+    fused = _model(folders, "bnb")
+    fuse_lora_layers(fused)
+    shapes = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.add(tuple(t.shape)) or t, lambda t: t):
+        lora_gradients(fused, batch)
+    bases = [m.base_layer for m in fused.modules() if hasattr(m, "_fused_base_kind")]
+    weights = {(b.out_features, b.in_features) for b in bases} | {(b.in_features, b.out_features) for b in bases}
+    assert not shapes & weights
+
+
+def test_fused_under_bf16_autocast_stays_within_rounding_of_peft(folders):
+    batch = probe_input_ids(259, batch=2, length=24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_loss, peft_grads = lora_gradients(_model(folders, "plain"), batch)
+        fused = _model(folders, "plain")
+        fuse_lora_layers(fused)
+        loss, grads = lora_gradients(fused, batch)
+    assert abs(loss - peft_loss) <= 1e-2 * abs(peft_loss)
+    total, _ = relative_gradient_error(grads, peft_grads)
+    assert total < 5e-2, total
+    assert all(g.dtype == torch.float32 for g in grads.values())  # LoRA weights keep float32 gradients

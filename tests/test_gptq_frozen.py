@@ -97,3 +97,23 @@ def test_pack_impl_reaches_gptqmodel_and_keeps_the_bytes(gptq_dir, tmp_path, mon
     assert ours.keys() == original.keys()
     for key in ours:
         assert torch.equal(ours[key], original[key]), key
+
+
+def test_fused_lora_over_gptq_matches_the_trainable_kernel(gptq_dir):
+    """hardware.fused_lora over a GPTQ base: base matmul and LoRA in one autograd function, the
+    weight dequantized in forward and backward: gptqmodel's loss and LoRA gradients, no weight kept."""
+    from ptq_qlora.adapters.fused_lora import fuse_lora_layers
+
+    batch = probe_input_ids(259, batch=2, length=24)
+    plain, _ = _lora_model(gptq_dir, frozen=False)
+    fused, _ = _lora_model(gptq_dir, frozen=False)
+    assert fuse_lora_layers(fused) == 7 * fused.config.num_hidden_layers
+    loss_plain, grads_plain = lora_gradients(plain, batch)
+    loss_fused, grads_fused = lora_gradients(fused, batch)
+    assert abs(loss_fused - loss_plain) <= 1e-6 * abs(loss_plain)
+    total, worst = relative_gradient_error(grads_fused, grads_plain)
+    assert total < 1e-5 and worst < 1e-4, (total, worst)
+    quantized = [m for m in fused.modules() if hasattr(m, "qweight")]
+    weight_shapes = {(m.in_features, m.out_features) for m in quantized}
+    weight_shapes |= {(o, i) for i, o in weight_shapes}
+    assert not _saved_shapes(fused, batch) & weight_shapes

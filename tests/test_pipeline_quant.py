@@ -51,7 +51,8 @@ def test_stages_run_alone_from_run_folders(compose_cfg):
     ptq = run_job(compose_cfg(*TINY, "task=bitext", "stage=ptq", "quantizer=bnb-nf4", f"stage.input={sft_dir}"))
     assert list(ptq["results"]) == ["PTQ-BNB-4bit"]
     ptq_dir = store / f"ptq-{ptq['stages']['ptq']['lineage']}"
-    qlora = run_job(compose_cfg(*TINY, "task=bitext", "stage=qlora", "quantizer=bnb-nf4", f"stage.input={ptq_dir}"))
+    qlora = run_job(compose_cfg(*TINY, "task=bitext", "stage=qlora", "quantizer=bnb-nf4", f"stage.input={ptq_dir}",
+                                "hardware.fused_lora=true"))  # the GPU profiles' LoRA layers, on CPU here
     assert list(qlora["results"]) == ["PTQ-BNB-4bit+QLoRA"]
     qlora_dir = store / f"qlora-{qlora['stages']['qlora']['lineage']}"
     again = run_job(compose_cfg(*TINY, "task=bitext", f"stage.input={qlora_dir}", config_name="eval"))

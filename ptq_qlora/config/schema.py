@@ -40,6 +40,9 @@ class HardwareConfig:
     # QLoRA over GPTQ on a GPU: the base dequantized in forward and again in backward, no 16-bit weight
     # kept for the backward (ptq_qlora/quantizers/gptq_frozen.py)
     gptq_dequant_matmul: bool = False
+    # QLoRA: each LoRA layer's base matmul and rank-r update in one autograd function, the base weight
+    # dequantized in forward and backward (ptq_qlora/adapters/fused_lora.py; not under FSDP)
+    fused_lora: bool = False
     # GPTQ calibration rows per forward: 1 on CPU; on a GPU, 1 makes a 7B's GPTQ overhead-bound
     # (12.5 s a layer on an H200, benchmarks/RESULTS.md)
     gptq_calibration_batch_size: int = 1

@@ -35,11 +35,17 @@ def _triton_dequant_eligible(layer) -> bool:
 
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight as a dense [in_features, out_features] tensor of `dtype`."""
+    if getattr(layer, "_frozen_triton_dequant", None) is None:  # decided once per layer
+        layer._frozen_triton_dequant = layer.qweight.is_cuda and _triton_dequant_eligible(layer)
     with torch.no_grad():
         if layer._frozen_triton_dequant:
-            weight = layer._dequantize_weight_triton()
-        else:
-            weight = layer.dequantize_weight()
+            # straight to `dtype` (the kernel computes in float32): gptqmodel's own helper writes the
+            # scales' float16 and a cast pass over every weight followed
+            from gptqmodel.nn_modules.triton_utils.dequant import dequant
+
+            return dequant(dtype, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.bits,
+                           layer.pack_dtype_bits, layer.maxq)
+        weight = layer.dequantize_weight()
     return weight.to(dtype)
 
 
@@ -77,7 +83,7 @@ def use_frozen_dequant_matmul(model: torch.nn.Module) -> int:
     patched, others = 0, set()
     for module in model.modules():
         if isinstance(module, TorchLinear):
-            module._frozen_triton_dequant = module.qweight.is_cuda and _triton_dequant_eligible(module)
+            module._frozen_triton_dequant = None  # decided at the first dequantization (on its device)
             module.forward = types.MethodType(_frozen_forward, module)
             patched += 1
         elif hasattr(module, "qweight"):

@@ -47,6 +47,14 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
     if option_applies(hardware, "dequantize_frozen_base"):
         layers = dequantize_frozen_base(model, compute_dtype)
         log.info("training over a dequantized copy of the 4-bit base (%d layers; hardware.dequantize_frozen_base)", layers)
+    if option_applies(hardware, "fused_lora"):
+        if distributed.strategy_for(hardware, peft=True) == "fsdp":  # FSDP2 shards the weights it would read
+            log.warning("hardware.fused_lora is not used under FSDP: peft's LoRA forward")
+        else:
+            from ptq_qlora.adapters.fused_lora import fuse_lora_layers
+
+            log.info("LoRA and its base in one autograd function: %d layers (hardware.fused_lora)",
+                     fuse_lora_layers(model))
     return model, counts
 
 
