@@ -160,6 +160,7 @@ def make(args) -> None:
         texts = random_texts(128, 600, min(config.vocab_size, 32000))
         stats = quantize(qcfg("gptq"), src, Path(args.dir) / "gptq", word_tokenizer(32000), texts, "bfloat16")
         emit(Path(args.out) if args.out else None, what="make_gptq", arch=args.arch, layers=config.num_hidden_layers,
+             pack_impl=os.environ.get("PACK_IMPL") or "default",
              per_layer_s=round(stats["quantize_seconds"] / config.num_hidden_layers, 2), peak_gib=peak_gib(), **stats)
     if not args.keep_bf16:
         import shutil
@@ -799,10 +800,15 @@ def table(args) -> None:
                   + ("" if vs_bf16 is None else f" vs autograd over the same bf16 weights {vs_bf16:.2e} |"))
     for r in records:
         if r.get("what") == "make_gptq":
-            print(f"\nGPTQ quantization ({r['arch']}, {r['layers']} layers, {r['calibration_texts_given']} texts, "
+            print(f"\nGPTQ quantization ({r['arch']}, {r['layers']} layers, pack_impl {r.get('pack_impl', 'default')}, "
+                  f"{r['calibration_texts_given']} texts, "
                   f"<= {r['calibration_max_tokens']} tokens each): {r['quantize_seconds']:.1f} s "
                   f"({r['per_layer_s']} s/layer), peak {r['peak_gib']:.2f} GiB, "
                   f"{r['disk_bytes_before'] / 1e9:.2f} -> {r['disk_bytes_after'] / 1e9:.2f} GB")
+        if r.get("what") == "gptq":  # benchmarks/gptq_time_baseline.py (the baseline script)
+            print(f"\nbaseline gptq_time.py ({r['layers']} layers, {r['samples']} x {r['seq']} tokens): "
+                  f"{r['quantize_s']} s ({r['per_layer_s']} s/layer, ~{r['est_7b_32layers_min']} min for 32), "
+                  f"peak {r['peak_gib']} GiB")
     for r in records:
         if r.get("what") in ("error", "skipped"):
             print(f"{r['what']}: {r['mode']}: {r.get('err') or r.get('reason')}")

@@ -45,10 +45,17 @@ elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time 
   timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 250 \
     --modes profile,project,project_fusedlora,project_gptq,gptq_check --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
-elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ of the 7B with gptqmodel's CUDA packing (quantizer.pack_impl=gpu)
+elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ time: the baseline script (4 layers, 128 x 2048 tokens) beside
+  # the PTQ stage's quantizer on 4 layers with gptqmodel's default (CPU) packing and its CUDA packing, then 32 layers
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
-  PACK_IMPL=gpu timeout 500 $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
-  echo "gptq make rc=$? ${SECONDS}s"
+  GPTQ_DIR=$B/gb timeout 150 python3 benchmarks/gptq_time_baseline.py 4 128 2048 > "$OUT/log_baseline.txt" 2>&1
+  grep '^{' "$OUT/log_baseline.txt" | tee -a "$R"; rm -rf $B/gb; echo "baseline done ${SECONDS}s"
+  for impl in "" gpu; do
+    PACK_IMPL=$impl timeout 150 $S make --dir $B/g4$impl --arch llama2 --layers 4 --gptq --out "$R" > "$OUT/log_make4$impl.txt" 2>&1
+    rm -rf $B/g4$impl; echo "4 layers pack_impl=${impl:-default} rc=$? ${SECONDS}s"
+  done
+  PACK_IMPL=${FULL_PACK:-gpu} timeout $((570 - SECONDS)) $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
+  echo "gptq 32 layers rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
