@@ -390,6 +390,10 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
         torch.manual_seed(0)
         model, _ = trainable_quantized_model(qcfg("gptq" if base == "gptq" else "bnb"), folder, hw, TARGETS,
                                              {"r": 16, "alpha": 32, "dropout": 0.0})
+    loaded_gib = torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+    held = {}  # what the loaded model holds, by dtype (explains a peak)
+    for t in [*model.parameters(), *model.buffers()]:
+        held[str(t.dtype)] = held.get(str(t.dtype), 0) + t.numel() * t.element_size() / 2**30
     if attention:
         (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
     vocab = min(model.config.vocab_size, 32000)
@@ -406,7 +410,8 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
     metrics = train_tokenized(model, tokenizer, Dataset.from_list(rows), train_cfg, hw,
                               Path(f"/tmp/qlora_speed_{os.getpid()}_{time.time_ns()}"), seed=0,
                               max_length=args.max_length, callbacks=[callback, *(extra_callbacks or [])])
-    result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident,
+    result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident, "loaded_gib": loaded_gib,
+              "held_gib_by_dtype": {k: round(v, 3) for k, v in held.items()},
               "losses": [round(x, 4) for x in metrics["loss_curve"]], "rows": len(rows),
               "train_rows": metrics["train_rows"], "hardware": vars(hw) | {"name": hardware},
               "tokens_per_step_mean": metrics["train_tokens_seen"] / max(metrics["train_steps"], 1)}
