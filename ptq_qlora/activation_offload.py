@@ -6,16 +6,19 @@ transformers' own `offload` wraps torch's checkpoint in `save_on_cpu`, whose cop
 stream and stall it (measured -7.5% tokens/s on a 7B QLoRA, benchmarks/RESULTS.md). Here:
 - forward: the layer runs under no_grad while a side CUDA stream copies its input to pinned host
   memory (device->host, non_blocking), so the copy overlaps the layer's compute;
-- backward: when layer i's backward starts, the side stream already brings back (host->device) the
-  input of the layer backwarded next (the one whose forward ran just before i), so that copy overlaps
-  layer i's recompute + backward; layer i itself waits only for its own copy's event.
-Then the layer is recomputed with grad enabled, under the forward's autocast state and RNG state
-(dropout masks, e.g. LoRA's, come out the same), and backwarded with the incoming gradient.
+- backward: layer i's input was brought back (host->device) ahead of time, and layer i's backward
+  starts the copy of the input of the layer backwarded next (the one whose forward ran just before
+  i), so that copy overlaps layer i's recompute + backward; layer i waits (on the GPU) only for its
+  own copy's event. The layer is recomputed with grad enabled, under the forward's autocast state
+  and RNG state (torch.utils.checkpoint's preserve_rng_state: dropout masks, e.g. LoRA's, come out
+  the same), and backwarded with the incoming gradient.
 
 Only the first positional argument (the hidden state, transformers' convention for checkpointed
 layers) is offloaded and gets a gradient; another tensor argument that requires grad is refused,
 since this reentrant-style checkpoint could not give it one. Extra outputs of a layer that returns a
-tuple come from the no_grad forward and carry no gradient.
+tuple come from the no_grad forward and carry no gradient. The copy to the host is taken when the
+layer runs: the input must not be modified in place afterwards (transformers' decoder loops don't).
+Like any reentrant checkpoint, it suits DDP only with find_unused_parameters=False (the project's).
 
 Without CUDA the same code runs with no streams and no copies (the "host" is where the tensor is), so
 CPU tests exercise the recompute, RNG, autocast and bookkeeping.
@@ -31,6 +34,7 @@ import threading
 import weakref
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 # Saved inputs in forward order (weak: a forward that is never backwarded frees its entries with its
@@ -190,8 +194,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
 
 def _refuse_grad_tensors(where: str, values) -> None:
-    from torch.utils._pytree import tree_leaves
-
     if any(isinstance(v, torch.Tensor) and v.requires_grad for v in tree_leaves(values)):
         raise ValueError(f"offloaded checkpoint: a tensor in the layer's {where} requires grad; only the first "
                          "positional argument (the hidden state) gets a gradient")
@@ -276,7 +278,6 @@ def gpu_selfcheck(layers: int = 16, hidden: int = 2048, intermediate: int = 5632
                          max_position_embeddings=seq)
     with device:  # initialised on the GPU: a CPU init of ~1B parameters takes long
         base = LlamaForCausalLM(config).to(torch.bfloat16)
-    base.config._attn_implementation = "sdpa"
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                             "gate_proj", "up_proj", "down_proj"]))
@@ -285,7 +286,8 @@ def gpu_selfcheck(layers: int = 16, hidden: int = 2048, intermediate: int = 5632
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     model.train()
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=torch.Generator(device).manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
 
     def step(seed: int) -> float:
         torch.manual_seed(seed)
@@ -304,7 +306,7 @@ def gpu_selfcheck(layers: int = 16, hidden: int = 2048, intermediate: int = 5632
                 install_offloaded_checkpointing(model)
         model.zero_grad(set_to_none=True)
         loss = step(0)
-        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -281,7 +281,8 @@ def train_tokenized(
 
         log.info("frozen fp32 weights cast to bf16: %d values", keep_frozen_in_compute_dtype(model, resolve_dtype("bfloat16")))
     ckpt_dir = out_dir / "checkpoints"
-    arguments = trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name, peft=peft)
+    arguments = trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name,
+                                  peft=peft)
     args = SFTConfig(**arguments, completion_only_loss=True, max_length=max_length)
     callbacks = list(callbacks or [])
     if activation_offload_applies(arguments, hardware):

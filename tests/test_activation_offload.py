@@ -231,7 +231,7 @@ class _RecordCheckpointFunction(TrainerCallback):
 
 
 @pytest.mark.parametrize("offload", [True, False])
-def test_train_tokenized_installs_the_offloaded_checkpoint_only_when_on(tmp_path, offload):
+def test_train_tokenized_installs_the_offloaded_checkpoint_only_when_on(tmp_path, monkeypatch, offload):
     from datasets import Dataset
 
     from ptq_qlora.models.tiny import byte_level_tokenizer
@@ -245,9 +245,13 @@ def test_train_tokenized_installs_the_offloaded_checkpoint_only_when_on(tmp_path
     train_cfg = dict(lr=1e-3, scheduler="constant", epochs=1, max_steps=2, warmup=0, weight_decay=0.0,
                      max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_steps=1000, save_total_limit=1)
     recorder = _RecordCheckpointFunction()
+    saved = []
+    remember = activation_offload._remember
+    monkeypatch.setattr(activation_offload, "_remember", lambda entry: (saved.append(1), remember(entry)))
     metrics = training.train_tokenized(_model(None), byte_level_tokenizer(), ds, train_cfg, hw, tmp_path, seed=0,
                                        callbacks=[recorder])
     assert metrics["train_steps"] == 2 and len(recorder.seen) == 2
     for layers in recorder.seen:
         assert len(layers) == LAYERS and all(on for on, _ in layers)  # the Trainer's checkpointing is on
         assert all((fn is offloaded_checkpoint) == offload for _, fn in layers)
+    assert len(saved) == (2 * LAYERS if offload else 0)  # the layers did run through it, once a step
