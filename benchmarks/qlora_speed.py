@@ -732,8 +732,12 @@ def table(args) -> None:
              "project_nockpt": "project, h200 profile, no checkpointing",
              "project_flex": "project, h200 profile, flex attention (experiment)",
              "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
-             "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)"}
-    print("| run | tok/s | step s | peak GiB | x stock HF | x unsloth (H100 ref 11,451) |")
+             "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)",
+             "unsloth": "unsloth (FastLanguageModel, gradient ckpt \"unsloth\"; benchmarks/unsloth_peer.py)"}
+    measured = modes.get("unsloth", {}).get("tok_s")  # the same GPU and batches, else the H100 reference
+    unsloth = measured or UNSLOTH_H100
+    ref = f"measured here {measured:,.0f}" if measured else f"H100 ref {UNSLOTH_H100:,}"
+    print(f"| run | tok/s | step s | peak GiB | x stock HF | x unsloth ({ref}) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for mode, label in names.items():
         r = modes.get(mode)
@@ -741,8 +745,8 @@ def table(args) -> None:
             continue
         tok = r["tok_s"]
         print(f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | "
-              f"{tok / stock:.2f} | {tok / UNSLOTH_H100:.2f} |" if stock else
-              f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | - | {tok / UNSLOTH_H100:.2f} |")
+              f"{tok / stock:.2f} | {tok / unsloth:.2f} |" if stock else
+              f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | - | {tok / unsloth:.2f} |")
     gptq_rows = {"hf_gptq": "stock HF over GPTQ (peft GPTQ LoRA, gptqmodel auto_trainable)",
                  "project_gptq_plain": "project over GPTQ, h200 profile, gptq_dequant_matmul off",
                  "project_gptq": "project over GPTQ, h200 profile (gptq_dequant_matmul)"}
