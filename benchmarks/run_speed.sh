@@ -45,6 +45,26 @@ elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time 
   timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 250 \
     --modes profile,project,project_fusedlora,project_gptq,gptq_check --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + .site-unsloth): fused_lora and the
+  # asynchronous activation offload beside unsloth on this GPU (its own process with the image's transformers
+  # 5.17 and trl 1.15: benchmarks/UNSLOTH.md), stock HF, a profile, the offload's gradient check
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  timeout 200 $S run --dir $B/llama2 --arch llama2 --steps 10 --modes project,project_offload,project_unfused --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run A rc=$? ${SECONDS}s"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
+    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  U="env PYTHONPATH=/tmp/site-unsloth:$PWD python3 benchmarks/unsloth_peer.py --steps 10"  # /tmp/site (trl 1.16) left off
+  timeout 200 $U --dir $B/llama2 --out "$R" > "$OUT/log_unsloth.txt" 2>&1 || { [ $SECONDS -lt 330 ] &&
+    timeout 150 $U --from-bf16 $B/llama2/bf16 --out "$R" >> "$OUT/log_unsloth.txt" 2>&1; }
+  echo "unsloth rc=$? ${SECONDS}s"; rm -rf $B/llama2/bf16
+  BB=$((450 - SECONDS)); [ $BB -lt 5 ] && BB=5
+  timeout $((510 - SECONDS)) $S run --dir $B/llama2 --arch llama2 --steps 10 --budget-s $BB \
+    --modes hf,profile --out "$R" >> "$OUT/log.txt" 2>&1
+  echo "run B rc=$? ${SECONDS}s"
+  rm -rf $B/llama2  # the offload check: gradients vs torch's checkpoint on a smaller random model (GPU check)
+  timeout $((580 - SECONDS)) python3 -m ptq_qlora.activation_offload > "$OUT/log_selfcheck.txt" 2>&1
+  echo "offload selfcheck rc=$? ${SECONDS}s"; tail -8 "$OUT/log_selfcheck.txt"
 elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ time: the baseline script (4 layers, 128 x 2048 tokens) beside
   # the PTQ stage's quantizer on 4 layers with gptqmodel's default (CPU) packing and its CUDA packing, then 32 layers
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
