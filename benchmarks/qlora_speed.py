@@ -419,6 +419,17 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
     return result
 
 
+def run_without_sibling_groups(args) -> dict:
+    """The h200 profile with fused_lora's q/k/v and gate/up grouping off (each LoRA layer its own node)."""
+    from ptq_qlora.adapters import fused_lora
+
+    siblings, fused_lora.SIBLINGS = fused_lora.SIBLINGS, ()
+    try:
+        return run_project(args, {}, "fixed")
+    finally:
+        fused_lora.SIBLINGS = siblings
+
+
 def run_profile(args) -> dict:
     """Where a step of the project's QLoRA path spends its time: torch.profiler over steps 3-4 of the
     `project` mode, kernels grouped by name, the 30 largest by device (CPU: host) self time."""
@@ -569,6 +580,19 @@ def run_check(args) -> dict:
 
         with attention_for_packed_rows(model, "flex_attention"):
             steps["fast_flex"] = loss_and_grads(packed)
+    # + fused_lora (with its sibling groups), + the asynchronous offloaded checkpoint: the profile's whole path
+    import contextlib
+
+    from ptq_qlora.activation_offload import install_offloaded_checkpointing
+    from ptq_qlora.adapters.fused_lora import fuse_lora_layers
+    from ptq_qlora.training import attention_for_packed_rows
+
+    fuse_lora_layers(model)
+    packed_attention = attention_for_packed_rows(model, "flex_attention") if CUDA else contextlib.nullcontext()
+    with packed_attention:
+        steps["fast_fused_lora"] = loss_and_grads(packed)
+        install_offloaded_checkpointing(model)
+        steps["fast_fused_lora_offload"] = loss_and_grads(packed)
     steps["leaky_control"] = loss_and_grads({k: v for k, v in packed.items() if k != "position_ids"})
     plain_loss, plain_grads = steps["plain"]
     names = list(steps)
@@ -581,7 +605,7 @@ def run_check(args) -> dict:
               "grad_rel_err_vs_previous": {b: rel(steps[b][1], steps[a][1]) for a, b in zip(
                   [n for n in names if n != "plain_reordered"], [n for n in names if n != "plain_reordered"][1:])},
               "peak_gib": peak_gib(), "resident_gib": resident}
-    fast = steps.get("fast_flex", steps["fast"])[1]
+    fast = steps["fast_fused_lora_offload"][1]
     worst = max(plain_grads, key=lambda k: float((fast[k] - plain_grads[k]).norm() / plain_grads[k].norm()))
     result.update(worst_tensor=worst,
                   worst_tensor_rel_err=float((fast[worst] - plain_grads[worst]).norm() / plain_grads[worst].norm()))
@@ -678,6 +702,7 @@ MODES = {
     "real_flex": lambda a: run_project(a, {}, "real", attention="flex_attention"),
     "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
     "project_unfused": lambda a: run_project(a, {"fused_lora": False}, "fixed"),
+    "project_nogroup": lambda a: run_without_sibling_groups(a),
     "gen": run_gen,
     "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -732,6 +757,7 @@ def table(args) -> None:
              "project_nockpt": "project, h200 profile, no checkpointing",
              "project_flex": "project, h200 profile, flex attention (experiment)",
              "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
+             "project_nogroup": "project, h200 profile, fused_lora without the q/k/v, gate/up groups",
              "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)",
              "unsloth": "unsloth (FastLanguageModel, gradient ckpt \"unsloth\"; benchmarks/unsloth_peer.py)"}
     measured = modes.get("unsloth", {}).get("tok_s")  # the same GPU and batches, else the H100 reference

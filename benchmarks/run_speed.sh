@@ -45,6 +45,23 @@ elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time 
   timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 250 \
     --modes profile,project,project_fusedlora,project_gptq,gptq_check --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): the
+  # h200 profile (fused_lora with sibling groups, async offload, fused AdamW) beside unsloth, stock HF, the GPU
+  # gradient checks (NF4 fast vs plain, GPTQ), QLoRA over GPTQ; 16 steps a mode (steps 3..16 timed)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  timeout 150 $S run --dir $B/llama2 --arch llama2 --steps 16 --modes project,project_nogroup --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run A rc=$? ${SECONDS}s"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
+    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 150 python3 benchmarks/unsloth_peer.py --steps 16 --dir $B/llama2 \
+    --out "$R" > "$OUT/log_unsloth.txt" 2>&1
+  echo "unsloth rc=$? ${SECONDS}s"; rm -rf $B/llama2/bf16
+  BB=$((470 - SECONDS)); [ $BB -lt 5 ] && BB=5
+  timeout $((585 - SECONDS)) $S run --dir $B/llama2 --arch llama2 --steps 16 --budget-s $BB \
+    --modes check,gptq_check,project_gptq,hf --out "$R" >> "$OUT/log.txt" 2>&1
+  echo "run B rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + .site-unsloth): fused_lora and the
   # asynchronous activation offload beside unsloth on this GPU (its own process with the image's transformers
   # 5.17 and trl 1.15: benchmarks/UNSLOTH.md), stock HF, a profile, the offload's gradient check

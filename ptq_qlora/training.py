@@ -143,7 +143,7 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
         warmup_steps=train_cfg["warmup"],
         weight_decay=train_cfg["weight_decay"],
         max_grad_norm=train_cfg["max_grad_norm"],
-        optim=train_cfg["optim"],
+        optim=optimizer_name(train_cfg["optim"], hardware, launch),
         logging_steps=train_cfg["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
@@ -161,6 +161,15 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
         **precision_flags(hardware.dtype, hardware.device),
         **launch,
     )
+
+
+def optimizer_name(optim: str, hardware, launch: dict) -> str:
+    """`fused_optimizer`: torch's AdamW as one fused CUDA kernel per step instead of foreach loops
+    (same update rule; the Trainer's `adamw_torch_fused`). CUDA only, not under FSDP (DTensor shards)."""
+    if optim == "adamw_torch" and speed_option(hardware, "fused_optimizer") and hardware.device == "cuda" \
+            and not launch.get("fsdp"):
+        return "adamw_torch_fused"
+    return optim
 
 
 def _liger_available(hardware) -> bool:

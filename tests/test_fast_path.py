@@ -141,6 +141,15 @@ def test_speed_options_in_trainer_arguments(caplog):
     assert not training.activation_offload_applies(args, cpu)
 
 
+def test_fused_optimizer_only_replaces_plain_adamw_on_cuda_outside_fsdp():
+    gpu = SimpleNamespace(device="cuda", fused_optimizer=True)
+    assert training.optimizer_name("adamw_torch", gpu, {}) == "adamw_torch_fused"
+    assert training.optimizer_name("adafactor", gpu, {}) == "adafactor"  # another optimizer is the user's choice
+    assert training.optimizer_name("adamw_torch", gpu, {"fsdp": "full_shard"}) == "adamw_torch"
+    assert training.optimizer_name("adamw_torch", SimpleNamespace(device="cpu", fused_optimizer=True), {}) == "adamw_torch"
+    assert training.optimizer_name("adamw_torch", SimpleNamespace(device="cuda", fused_optimizer=False), {}) == "adamw_torch"
+
+
 def test_keep_frozen_in_compute_dtype_casts_only_frozen_float32():
     model = _lora_model("sdpa")
     before = {n: p.dtype for n, p in model.named_parameters()}

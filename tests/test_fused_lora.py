@@ -87,3 +87,23 @@ def test_fused_under_bf16_autocast_stays_within_rounding_of_peft(folders):
     total, _ = relative_gradient_error(grads, peft_grads)
     assert total < 5e-2, total
     assert all(g.dtype == torch.float32 for g in grads.values())  # LoRA weights keep float32 gradients
+
+
+def test_siblings_share_one_node_per_input(folders, monkeypatch):
+    """q/k/v and gate/up run as one LoraGroup per forward (not one per member); a member called
+    alone, or twice with the same input, still gets its own right output."""
+    from ptq_qlora.adapters import fused_lora
+
+    batch = probe_input_ids(259, batch=2, length=24)
+    fused = _model(folders, "plain")
+    fuse_lora_layers(fused)
+    calls = []
+    original = fused_lora.LoraGroup.apply
+    monkeypatch.setattr(fused_lora.LoraGroup, "apply", lambda *a: calls.append(1) or original(*a))
+    fused(input_ids=batch)
+    assert len(calls) == 2 * fused.config.num_hidden_layers
+    attention = fused.get_base_model().model.layers[0].self_attn
+    x = torch.randn(3, attention.k_proj.in_features)
+    expected = attention.k_proj._unfused_forward(x)
+    torch.testing.assert_close(attention.k_proj(x), expected)
+    torch.testing.assert_close(attention.k_proj(x), expected)  # taken once already: recomputed, not stale

@@ -100,21 +100,114 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+class LoraGroup(torch.autograd.Function):
+    """Sibling LoRA layers that read the same input (q/k/v, gate/up) in one node: their rank-r
+    down-projections are one matmul over the stacked A's, and the backward accumulates the input
+    gradient of every member into one buffer (addmm with beta 1) instead of autograd summing one
+    input-sized gradient per member."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *weights):
+        bases, kinds, scalings, ranks = spec
+        lora_as, lora_bs = weights[0::2], weights[1::2]
+        a = torch.cat([w.to(x.dtype) for w in lora_as])  # [sum r, in]
+        bs = [w.to(x.dtype) for w in lora_bs]
+        down = x @ a.t()  # [tokens, sum r]
+        outs, start = [], 0
+        for base, kind, scaling, rank, b in zip(bases, kinds, scalings, ranks, bs):
+            out = x @ weight_in_out(base, kind, x.dtype)
+            if getattr(base, "bias", None) is not None:
+                out += base.bias.to(out.dtype)
+            out.addmm_(down[:, start:start + rank], b.t(), alpha=scaling)
+            outs.append(out)
+            start += rank
+        ctx.save_for_backward(x, down, a, *bs)
+        ctx.spec = spec
+        ctx.param_dtypes = [w.dtype for w in weights]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, down, a, *bs = ctx.saved_tensors
+        bases, kinds, scalings, ranks = ctx.spec
+        grad_x, grad_ups, grad_bs, start = None, [], [], 0
+        for grad, base, kind, scaling, rank, b in zip(grads, bases, kinds, scalings, ranks, bs):
+            if grad is None:  # an output nobody used
+                grad_ups.append(x.new_zeros(x.shape[0], rank))
+                grad_bs.append(None)
+            else:
+                grad = grad.to(x.dtype)
+                grad_ups.append((grad @ b).mul_(scaling))  # scaled here: one addmm below for all members
+                grad_bs.append((grad.t() @ down[:, start:start + rank]).mul_(scaling))
+                weight_t = weight_in_out(base, kind, x.dtype).t()
+                grad_x = grad @ weight_t if grad_x is None else grad_x.addmm_(grad, weight_t)
+            start += rank
+        grad_up = torch.cat(grad_ups, dim=1)  # [tokens, sum r]
+        if grad_x is not None:
+            grad_x.addmm_(grad_up, a)
+        grad_a = grad_up.t() @ x  # [sum r, in]
+        weights_grads, start = [], 0
+        for i, rank in enumerate(ranks):
+            weights_grads.append(grad_a[start:start + rank].to(ctx.param_dtypes[2 * i]))
+            weights_grads.append(None if grad_bs[i] is None else grad_bs[i].to(ctx.param_dtypes[2 * i + 1]))
+            start += rank
+        return (grad_x, None, *weights_grads)
+
+
+class _SiblingGroup:
+    """Runs LoraGroup once for the members' shared input and hands each member its output; the
+    cache is dropped once every member has taken its output (or a call brings another input)."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self._input, self._outputs, self._taken = None, None, set()
+
+    def output_for(self, layer, given: torch.Tensor, flat: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """`given`: the tensor the member was called with (the same object for every sibling, while
+        `flat`, its cast and reshaped view, is a new object per call)."""
+        index = self.members.index(layer)
+        if self._input is not given or index in self._taken:
+            spec = ([m.base_layer for m in self.members], [m._fused_base_kind for m in self.members],
+                    [m.scaling[n] for m, n in zip(self.members, names)],
+                    [m.lora_A[n].weight.shape[0] for m, n in zip(self.members, names)])
+            weights = [w for m, n in zip(self.members, names) for w in (m.lora_A[n].weight, m.lora_B[n].weight)]
+            self._input, self._outputs, self._taken = given, LoraGroup.apply(flat, spec, *weights), set()
+        out = self._outputs[index]
+        self._taken.add(index)
+        if len(self._taken) == len(self.members):
+            self._input = self._outputs = None
+        return out
+
+
+def _compute_input(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):  # a custom Function sees no autocast: cast as it would
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    if getattr(self.base_layer, "compute_dtype", None) is not None:  # bnb's compute dtype, as its forward
+        return x.to(self.base_layer.compute_dtype)
+    return x
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _plain_lora(self, args, kwargs)
     if name is None:
         return self._unfused_forward(x, *args, **kwargs)
-    result_dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):  # a custom Function sees no autocast: cast as it would
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    elif getattr(self.base_layer, "compute_dtype", None) is not None:  # bnb's compute dtype, as its forward
-        x = x.to(self.base_layer.compute_dtype)
+    result_dtype, given = x.dtype, x
+    x = _compute_input(self, x)
     flat = x.reshape(-1, x.shape[-1])
-    out = LoraLinear.apply(flat, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                           self._fused_base_kind, self.scaling[name])
+    group = getattr(self, "_fused_group", None)
+    names = [_plain_lora(m, (), {}) for m in group.members] if group is not None else None
+    if names is not None and all(n == name for n in names):
+        out = group.output_for(self, given, flat, names)
+    else:
+        out = LoraLinear.apply(flat, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                               self._fused_base_kind, self.scaling[name])
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     # peft returns the base layer's dtype: the input's for bnb and plain layers, the compute dtype under autocast
     return out if torch.is_autocast_enabled(x.device.type) else out.to(result_dtype)
+
+
+# projections that read the same input in Llama-style blocks (Llama, Mistral, Qwen2, SmolLM2)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def fuse_lora_layers(peft_model: torch.nn.Module) -> int:
@@ -136,4 +229,11 @@ def fuse_lora_layers(peft_model: torch.nn.Module) -> int:
         count += 1
     if others:
         log.warning("fused_lora: LoRA over %s keeps peft's forward (no dense weight to fuse with)", sorted(others))
+    for parent in peft_model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(m is not None and hasattr(m, "_fused_base_kind") for m in members):
+                group = _SiblingGroup(members)
+                for m in members:
+                    m._fused_group = group
     return count

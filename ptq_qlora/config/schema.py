@@ -43,6 +43,8 @@ class HardwareConfig:
     # QLoRA: each LoRA layer's base matmul and rank-r update in one autograd function, the base weight
     # dequantized in forward and backward (ptq_qlora/adapters/fused_lora.py; not under FSDP)
     fused_lora: bool = False
+    # AdamW as one fused CUDA kernel (transformers' adamw_torch_fused) when the step's optim is adamw_torch
+    fused_optimizer: bool = False
     # GPTQ calibration rows per forward: 1 on CPU; on a GPU, 1 makes a 7B's GPTQ overhead-bound
     # (12.5 s a layer on an H200, benchmarks/RESULTS.md)
     gptq_calibration_batch_size: int = 1

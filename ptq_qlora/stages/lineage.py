@@ -49,9 +49,9 @@ def train_settings(cfg, step: str) -> dict:
 # Hardware speed options that change what training computes (batch composition, rounding): in the
 # lineage only when on, so runs without them keep the lineage they had before the options existed.
 # The QLoRA-only ones act on LoRA over a 4-bit base.
-_ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel"),
-                       "qlora": ("padding_free", "use_liger_kernel", "frozen_in_compute_dtype", "dequantize_frozen_base",
-                                 "gptq_dequant_matmul", "fused_lora")}
+_ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel", "fused_optimizer"),
+                       "qlora": ("padding_free", "use_liger_kernel", "fused_optimizer", "frozen_in_compute_dtype",
+                                 "dequantize_frozen_base", "gptq_dequant_matmul", "fused_lora")}
 
 
 # Options that act on one kind of 4-bit base only: applied to, and in the lineage of, that base only.
