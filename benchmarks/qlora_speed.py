@@ -744,8 +744,19 @@ def run(args) -> None:
 # --- table ---------------------------------------------------------------------------------------------------
 
 def table(args) -> None:
-    records = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines() if line.startswith("{")]
+    records = []
+    for f in args.files:
+        for line in Path(f).read_text().splitlines():
+            try:  # a log line that merely starts with "{" is not a record
+                records.append(json.loads(line)) if line.startswith("{") else None
+            except json.JSONDecodeError:
+                continue
     modes = {r["mode"]: r for r in records if r.get("what") == "mode"}
+    leftovers = []
+    for r in modes.values():  # memory an earlier mode left allocated (GPTQ models on CUDA, seen) is not this mode's
+        if (r.get("resident_gib") or 0) > 0.5 and r.get("peak_gib") == r.get("peak_gib"):
+            r["peak_gib"] -= r["resident_gib"]
+            leftovers.append(f"{r['mode']} ({r['resident_gib']:.2f} GiB)")
     env = next((r for r in records if r.get("what") == "env"), {})
     if env:
         print(f"device: {env.get('gpu')}; {env.get('versions')}\n")
@@ -844,6 +855,8 @@ def table(args) -> None:
             print(f"\nbaseline gptq_time.py ({r['layers']} layers, {r['samples']} x {r['seq']} tokens): "
                   f"{r['quantize_s']} s ({r['per_layer_s']} s/layer, ~{r['est_7b_32layers_min']} min for 32), "
                   f"peak {r['peak_gib']} GiB")
+    if leftovers:
+        print("\npeak GiB above what earlier modes left allocated: " + ", ".join(leftovers))
     for r in records:
         if r.get("what") in ("error", "skipped"):
             print(f"{r['what']}: {r['mode']}: {r.get('err') or r.get('reason')}")

@@ -60,7 +60,7 @@ elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, 
   echo "unsloth rc=$? ${SECONDS}s"; rm -rf $B/llama2/bf16
   BB=$((470 - SECONDS)); [ $BB -lt 5 ] && BB=5
   timeout $((585 - SECONDS)) $S run --dir $B/llama2 --arch llama2 --steps 16 --budget-s $BB \
-    --modes check,gptq_check,project_gptq,hf --out "$R" >> "$OUT/log.txt" 2>&1
+    --modes check,hf,project_gptq,gptq_check --out "$R" >> "$OUT/log.txt" 2>&1
   echo "run B rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + .site-unsloth): fused_lora and the
   # asynchronous activation offload beside unsloth on this GPU (its own process with the image's transformers
@@ -84,7 +84,7 @@ elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + 
   echo "offload selfcheck rc=$? ${SECONDS}s"; tail -8 "$OUT/log_selfcheck.txt"
 elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ time: the baseline script (4 layers, 128 x 2048 tokens) beside
   # the PTQ stage's quantizer on 4 layers with gptqmodel's default (CPU) packing and its CUDA packing, then 32 layers
-  export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
   GPTQ_DIR=$B/gb timeout 150 python3 benchmarks/gptq_time_baseline.py 4 128 2048 > "$OUT/log_baseline.txt" 2>&1
   grep '^{' "$OUT/log_baseline.txt" | tee -a "$R"; rm -rf $B/gb; echo "baseline done ${SECONDS}s"
   for impl in "" gpu; do
