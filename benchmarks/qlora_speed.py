@@ -345,16 +345,23 @@ def run_hf(args, liger: bool, base: str = "nf4") -> dict:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    result = {**plain_training_loop(model, args, model.device), "peak_gib": peak_gib(), "resident_gib": resident}
+    del model
+    return result
+
+
+def plain_training_loop(model, args, device) -> dict:
+    """The peers' loop (stock HF, unsloth): AdamW lr 1e-4 over `args.steps` batches of fixed_rows, each
+    step clocked; returns the clock's summary and the step losses."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    vocab = model.config.vocab_size
-    rows = fixed_rows(args.batch * args.steps, args.seq, vocab)
+    rows = fixed_rows(args.batch * args.steps, args.seq, model.config.vocab_size)
     clock = StepClock()
     clock.mark(0)
     seen, losses = 0, []
     for step in range(args.steps):
         batch = rows[step * args.batch:(step + 1) * args.batch]
-        x = torch.tensor([r["input_ids"] for r in batch], device=model.device)
+        x = torch.tensor([r["input_ids"] for r in batch], device=device)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
@@ -362,9 +369,7 @@ def run_hf(args, liger: bool, base: str = "nf4") -> dict:
         seen += x.numel()
         losses.append(round(loss.item(), 4))
         clock.mark(seen)
-    result = {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident, "losses": losses}
-    del model, opt
-    return result
+    return {**clock.summary(), "losses": losses}
 
 
 def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,

@@ -36,7 +36,7 @@ UNSLOTH_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # qlora_speed imports only torch at module level, so unsloth still comes before transformers/peft/trl
-from qlora_speed import TARGETS, StepClock, emit, fixed_rows, memory_start, peak_gib  # noqa: E402
+from qlora_speed import TARGETS, emit, memory_start, peak_gib, plain_training_loop  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -120,26 +120,9 @@ def run(args) -> dict:
 
     quantized = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # the frozen NF4 bases
     # from here as run_hf: the same rows, loop and clock
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    vocab = model.config.vocab_size
-    rows = fixed_rows(args.batch * args.steps, args.seq, vocab)
-    device = model.get_input_embeddings().weight.device
-    clock = StepClock()
-    clock.mark(0)
-    seen, losses = 0, []
-    for step in range(args.steps):
-        batch = rows[step * args.batch:(step + 1) * args.batch]
-        x = torch.tensor([r["input_ids"] for r in batch], device=device)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += x.numel()
-        losses.append(round(loss.item(), 4))
-        clock.mark(seen)
-    return {**clock.summary(), "peak_gib": peak_gib(), "resident_gib": resident, "loaded_gib": loaded_gib,
-            "losses": losses, "load_s": round(load_s, 1), "linear4bit_layers": quantized,
+    measured = plain_training_loop(model, args, model.get_input_embeddings().weight.device)
+    return {**measured, "peak_gib": peak_gib(), "resident_gib": resident, "loaded_gib": loaded_gib,
+            "load_s": round(load_s, 1), "linear4bit_layers": quantized,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "source": f"bf16 quantized on load ({path})" if args.from_bf16 else f"pre-quantized NF4 ({path})"}
 

@@ -51,10 +51,24 @@ def test_bad_input_ends_before_unsloth_is_imported(peer, monkeypatch, tmp_path):
     assert f"no checkpoint at {tmp_path / 'nf4'}" in record["err"]
 
 
-def test_rows_are_run_hf_rows(peer):
+def test_peer_trains_with_run_hfs_loop(peer):
+    """unsloth's row comes from the same loop as stock HF's (rows, optimizer, clock): one function."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     qlora_speed = load("qlora_speed")
     assert peer.TARGETS == qlora_speed.TARGETS
-    assert peer.fixed_rows(4, 16, 1000) == qlora_speed.fixed_rows(4, 16, 1000)
+    assert peer.plain_training_loop.__code__.co_code == qlora_speed.plain_training_loop.__code__.co_code
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    before = model.lm_head.weight.detach().clone()
+    out = peer.plain_training_loop(model, SimpleNamespace(batch=2, steps=4, seq=16), torch.device("cpu"))
+    assert len(out["losses"]) == 4 and len(out["step_times_s"]) == 4
+    assert out["timed_tokens"] == 2 * 2 * 16 and out["tok_s"] > 0  # steps 3..4 timed
+    assert not torch.equal(before, model.lm_head.weight)  # the optimizer stepped
 
 
 def table_of(records, tmp_path, capsys):
