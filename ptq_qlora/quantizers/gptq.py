@@ -122,10 +122,13 @@ def _validate(qcfg: QuantizerConfig, src_dir: Path, tokenizer, calibration_texts
         )
 
 
-def drop_cpu_torch_compile(model: torch.nn.Module) -> None:
-    """TorchLinear wraps its dequantizer in torch.compile at load time; on CPU the first forward then
-    spends ~25 s building C++ kernels (even for a 2-layer toy) for no training benefit. Removing the
-    instance attribute falls back to the plain method."""
+def drop_torch_compile(model: torch.nn.Module) -> None:
+    """TorchLinear wraps its dequantizer in torch.compile at load time. On CPU the first forward then
+    spends ~25 s building C++ kernels (even for a 2-layer toy) for no training benefit. And a model
+    whose compiled dequantizer has run is never freed (torch.compile's cache keeps it: on this CPU with
+    the wrapper kept, a dropped model stays alive; on an H200 each GPTQ 7B left 3.8-4.1 GiB allocated,
+    benchmarks/RESULTS.md). Removing the instance attribute before any call falls back to the plain
+    method; the training paths dequantize through their own functions (gptq_frozen, fused_lora)."""
     for module in model.modules():
         if "dequantize_weight" in vars(module):
             del module.dequantize_weight
@@ -159,7 +162,7 @@ def _quantize(qcfg, src_dir: Path, out_dir: Path, tokenizer, calibration_texts, 
     hf_model = model.model
     _zeros_to_kernel_format(hf_model)
     if device == "cpu":
-        drop_cpu_torch_compile(hf_model)
+        drop_torch_compile(hf_model)
     return hf_model
 
 
@@ -190,8 +193,8 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
             str(path), dtype=compute_dtype, device_map=device_map,
             quantization_config=GPTQConfig(bits=qcfg.bits, backend=backend),
         )
-    if device == "cpu":
-        drop_cpu_torch_compile(model)
+    if device == "cpu" or for_training:  # on a GPU, eval keeps it: its Triton kernels never call it
+        drop_torch_compile(model)
     if for_training and training_hazards(model):
         raise ValueError(f"GPTQ backend {backend!r} is not safe for training: {training_hazards(model)[0]}")
     return model
