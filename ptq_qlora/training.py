@@ -163,6 +163,11 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
     )
 
 
+def packed_attention_usable(hardware) -> bool:
+    """The profile's packed_attention can act on this device (flex attention has no CPU backward)."""
+    return not (speed_option(hardware, "packed_attention", None) == "flex_attention" and hardware.device == "cpu")
+
+
 def optimizer_name(optim: str, hardware, launch: dict) -> str:
     """`fused_optimizer`: torch's AdamW as one fused CUDA kernel per step instead of foreach loops
     (same update rule; the Trainer's `adamw_torch_fused`). CUDA only, not under FSDP (DTensor shards)."""
@@ -306,7 +311,7 @@ def train_tokenized(
     started = time.time()
     # only when rows do hold several examples: on rows of one example each, sdpa's flash path is faster
     packed_attention = speed_option(hardware, "packed_attention", None) if len(train_ds) < examples else None
-    if packed_attention == "flex_attention" and hardware.device == "cpu":
+    if packed_attention and not packed_attention_usable(hardware):
         log.warning("packed_attention=flex_attention: torch has no flex backward on CPU; packed rows keep %s",
                     hardware.attn_implementation)
         packed_attention = None

@@ -121,7 +121,10 @@ def test_packed_attention_enters_the_lineage_only_with_packing():
     flex_unpacked = make(["stage=pipeline", "hardware.packed_attention=flex_attention"])
     assert sft_lineage(flex_unpacked, "p") == sft_lineage(plain, "p")  # no packed rows: nothing changes
     packed = make(["stage=pipeline", "hardware.padding_free=true"])
-    flex = make(["stage=pipeline", "hardware.padding_free=true", "hardware.packed_attention=flex_attention"])
+    flex_cpu = make(["stage=pipeline", "hardware.padding_free=true", "hardware.packed_attention=flex_attention"])
+    assert sft_lineage(flex_cpu, "p") == sft_lineage(packed, "p")  # refused on CPU (sdpa trains): not recorded
+    gpu = ["stage=pipeline", "hardware.padding_free=true", "hardware.device=cuda"]
+    packed, flex = make(gpu), make([*gpu, "hardware.packed_attention=flex_attention"])
     assert sft_lineage(flex, "p") != sft_lineage(packed, "p") and qlora_lineage(flex, "p") != qlora_lineage(packed, "p")
     assert make(["hardware=h200"]).hardware.packed_attention == "flex_attention"
 

@@ -69,7 +69,10 @@ def _arithmetic_options(cfg, step: str, base_method: str | None = None) -> dict:
     on = {key: True for key in _ARITHMETIC_OPTIONS[step] if option_applies(cfg.hardware, key, base_method)}
     if on.get("padding_free"):
         on["pack_length"] = cfg.hardware.pack_length
-        if cfg.hardware.get("packed_attention"):
+        from ptq_qlora.training import packed_attention_usable
+
+        # a CPU profile trains packed rows with sdpa whatever it names (refused, warned): not in its lineage
+        if cfg.hardware.get("packed_attention") and packed_attention_usable(cfg.hardware):
             on["packed_attention"] = cfg.hardware.packed_attention
     return {"arithmetic": on} if on else {}
 
