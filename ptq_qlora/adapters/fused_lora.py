@@ -66,42 +66,9 @@ def weight_in_out(base, kind: str, dtype: torch.dtype) -> torch.Tensor:
         return base.weight.to(dtype).t()
 
 
-class LoraLinear(torch.autograd.Function):
-    """y = x @ W + bias + scaling * (x @ A^T) @ B^T over a frozen W; gradients for x, A and B."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, kind, scaling):
-        weight = weight_in_out(base, kind, x.dtype)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        out = x @ weight
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            out += bias.to(out.dtype)
-        down = x @ a.t()
-        out.addmm_(down, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, down, a, b)
-        ctx.base, ctx.kind, ctx.scaling = base, kind, scaling
-        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, down, a, b = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        grad_up = grad @ b  # [tokens, r]
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight_in_out(ctx.base, ctx.kind, x.dtype).t()
-            grad_x.addmm_(grad_up, a, alpha=ctx.scaling)
-        if ctx.needs_input_grad[1]:
-            grad_a = (grad_up.t() @ x).mul_(ctx.scaling).to(ctx.param_dtypes[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = (grad.t() @ down).mul_(ctx.scaling).to(ctx.param_dtypes[1])
-        return grad_x, grad_a, grad_b, None, None, None
-
-
 class LoraGroup(torch.autograd.Function):
-    """Sibling LoRA layers that read the same input (q/k/v, gate/up) in one node: their rank-r
+    """y_i = x @ W_i + bias_i + scaling_i * (x @ A_i^T) @ B_i^T over frozen W_i, for one LoRA layer or
+    sibling layers that read the same input (q/k/v, gate/up) in one node: their rank-r
     down-projections are one matmul over the stacked A's, and the backward accumulates the input
     gradient of every member into one buffer (addmm with beta 1) instead of autograd summing one
     input-sized gradient per member."""
@@ -199,8 +166,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if names is not None and all(n == name for n in names):
         out = group.output_for(self, given, flat, names)
     else:
-        out = LoraLinear.apply(flat, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                               self._fused_base_kind, self.scaling[name])
+        spec = ([self.base_layer], [self._fused_base_kind], [self.scaling[name]], [self.lora_A[name].weight.shape[0]])
+        out = LoraGroup.apply(flat, spec, self.lora_A[name].weight, self.lora_B[name].weight)[0]
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     # peft returns the base layer's dtype: the input's for bnb and plain layers, the compute dtype under autocast
     return out if torch.is_autocast_enabled(x.device.type) else out.to(result_dtype)
