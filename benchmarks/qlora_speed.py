@@ -856,6 +856,10 @@ def table(args) -> None:
                   f"<= {r['calibration_max_tokens']} tokens each): {r['quantize_seconds']:.1f} s "
                   f"({r['per_layer_s']} s/layer), peak {r['peak_gib']:.2f} GiB, "
                   f"{r['disk_bytes_before'] / 1e9:.2f} -> {r['disk_bytes_after'] / 1e9:.2f} GB")
+        if r.get("what") == "gptq_release":  # benchmarks/gptq_release_check.py
+            print(f"\nGPTQ model dropped ({r['layers']} layers of the 7B widths): allocated before {r['start_gib']:.2f} GiB; "
+                  f"eval load {r['eval_loaded_gib']:.2f} -> {r['eval_after_drop_gib']:.2f} after drop; training load "
+                  f"{r['training_loaded_gib']:.2f} -> {r['training_after_drop_gib']:.2f} after drop")
         if r.get("what") == "gptq":  # benchmarks/gptq_time_baseline.py (the baseline script)
             print(f"\nbaseline gptq_time.py ({r['layers']} layers, {r['samples']} x {r['seq']} tokens): "
                   f"{r['quantize_s']} s ({r['per_layer_s']} s/layer, ~{r['est_7b_32layers_min']} min for 32), "
