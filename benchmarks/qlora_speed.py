@@ -708,6 +708,7 @@ MODES = {
     "project_flex": lambda a: run_project(a, {}, "fixed", attention="flex_attention"),
     "project_unfused": lambda a: run_project(a, {"fused_lora": False}, "fixed"),
     "project_nogroup": lambda a: run_without_sibling_groups(a),
+    "project_compiled": lambda a: run_project(a, {"compile_layers": True}, "fixed"),
     "gen": run_gen,
     "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -774,6 +775,7 @@ def table(args) -> None:
              "project_flex": "project, h200 profile, flex attention (experiment)",
              "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
              "project_nogroup": "project, h200 profile, fused_lora without the q/k/v, gate/up groups",
+             "project_compiled": "project, h200 profile + compile_layers (experiment)",
              "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)",
              "unsloth": "unsloth (FastLanguageModel, gradient ckpt \"unsloth\"; benchmarks/unsloth_peer.py)"}
     measured = modes.get("unsloth", {}).get("tok_s")  # the same GPU and batches, else the H100 reference

@@ -64,6 +64,11 @@ elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, 
   echo "run B rc=$? ${SECONDS}s"
   rm -rf $B/llama2  # is a dropped GPTQ model's memory given back (the leak fix, not yet seen on a GPU)?
   timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 2>>"$OUT/log.txt" | grep '^{' >> "$R"
+elif [ "${ONLY:-}" = compile ]; then  # not run yet: hardware.compile_layers (each of the 32 blocks compiles its own
+  # graph: minutes before the first step) beside the profile's path; carry .site-speed
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  timeout 420 $S run --dir $B/llama2 --arch llama2 --steps 16 --modes project,project_compiled --out "$R" > "$OUT/log.txt" 2>&1
+  echo "run rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + .site-unsloth): fused_lora and the
   # asynchronous activation offload beside unsloth on this GPU (its own process with the image's transformers
   # 5.17 and trl 1.15: benchmarks/UNSLOTH.md), stock HF, a profile, the offload's gradient check

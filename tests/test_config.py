@@ -101,6 +101,8 @@ def test_speed_options_that_change_training_arithmetic_enter_only_the_lineages_t
     assert qlora_lineage(gptq_path, "p", base_method="bnb") == qlora_lineage(cpu, "p", base_method="bnb")
     fused = make(["stage=pipeline", "hardware.fused_lora=true"])  # QLoRA rounding only: SFT's lineage stays
     assert qlora_lineage(fused, "p") != qlora_lineage(cpu, "p") and sft_lineage(fused, "p") == sft_lineage(cpu, "p")
+    compiled = make(["stage=pipeline", "hardware.compile_layers=true"])  # QLoRA only
+    assert qlora_lineage(compiled, "p") != qlora_lineage(cpu, "p") and sft_lineage(compiled, "p") == sft_lineage(cpu, "p")
     fused_adam = make(["stage=pipeline", "hardware.fused_optimizer=true"])  # both steps' optimizer
     assert qlora_lineage(fused_adam, "p") != qlora_lineage(cpu, "p") and sft_lineage(fused_adam, "p") != sft_lineage(cpu, "p")
 

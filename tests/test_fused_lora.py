@@ -109,3 +109,22 @@ def test_siblings_share_one_node_per_input(folders, monkeypatch):
     expected = attention.k_proj._unfused_forward(x)
     torch.testing.assert_close(attention.k_proj(x), expected)
     torch.testing.assert_close(attention.k_proj(x), expected)  # taken once already: recomputed, not stale
+
+
+def test_compiled_decoder_layers_keep_the_fused_gradients(folders):
+    """hardware.compile_layers (experimental): torch.compile of each decoder block around the fused
+    LoRA functions gives the same loss and LoRA gradients (float32, CPU)."""
+    from ptq_qlora.stages.qlora import compile_decoder_layers
+
+    batch = probe_input_ids(259, batch=2, length=24)
+    eager = _model(folders, "plain")
+    fuse_lora_layers(eager)
+    expected_loss, expected = lora_gradients(eager, batch)
+    compiled = _model(folders, "plain")
+    fuse_lora_layers(compiled)
+    assert compile_decoder_layers(compiled) == compiled.config.num_hidden_layers
+    for _ in range(2):  # the compiled step, then again from its cache
+        loss, grads = lora_gradients(compiled, batch)
+        assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
+        total, worst = relative_gradient_error(grads, expected)
+        assert total < 1e-4 and worst < 1e-3, (total, worst)

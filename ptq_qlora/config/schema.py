@@ -45,6 +45,9 @@ class HardwareConfig:
     fused_lora: bool = False
     # AdamW as one fused CUDA kernel (transformers' adamw_torch_fused) when the step's optim is adamw_torch
     fused_optimizer: bool = False
+    # QLoRA, experimental (not measured yet, off in every profile): each decoder layer through torch.compile
+    # around the fused LoRA functions (unsloth compiles its blocks); the first step pays the compilation
+    compile_layers: bool = False
     # GPTQ calibration rows per forward: 1 on CPU; on a GPU, 1 makes a 7B's GPTQ overhead-bound
     # (12.5 s a layer on an H200, benchmarks/RESULTS.md)
     gptq_calibration_batch_size: int = 1

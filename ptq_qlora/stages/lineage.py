@@ -51,7 +51,8 @@ def train_settings(cfg, step: str) -> dict:
 # The QLoRA-only ones act on LoRA over a 4-bit base.
 _ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel", "fused_optimizer"),
                        "qlora": ("padding_free", "use_liger_kernel", "fused_optimizer", "frozen_in_compute_dtype",
-                                 "dequantize_frozen_base", "gptq_dequant_matmul", "fused_lora")}
+                                 "dequantize_frozen_base", "gptq_dequant_matmul", "fused_lora",
+                                 "compile_layers")}
 
 
 # Options that act on one kind of 4-bit base only: applied to, and in the lineage of, that base only.

@@ -55,7 +55,29 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
 
             log.info("LoRA and its base in one autograd function: %d layers (hardware.fused_lora)",
                      fuse_lora_layers(model))
+    if option_applies(hardware, "compile_layers"):
+        log.info("torch.compile on %d decoder layers (hardware.compile_layers; the first step compiles)",
+                 compile_decoder_layers(model))
     return model, counts
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each repeated decoder block (the layers transformers checkpoints) in place, so the
+    checkpoint's recomputation runs the compiled block too; returns the number of blocks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import torch._dynamo
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # each block compiles its own graph (the fused LoRA functions carry that block's modules: 10 graphs
+    # for 10 blocks on CPU); past the recompile limit (8 by default) the rest would silently run eager
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 2 * len(layers) + 8))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def run_qlora(ctx: JobContext, parent: ModelRef) -> ModelRef:
