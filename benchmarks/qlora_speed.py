@@ -537,7 +537,7 @@ def run_check(args) -> dict:
     from ptq_qlora.adapters import attach_lora
     from ptq_qlora.packing import PackedRowsCollator
     from ptq_qlora.quantizers import load_quantized
-    from ptq_qlora.training import keep_frozen_in_compute_dtype, prepare_padding_free
+    from ptq_qlora.training import attention_for_packed_rows, keep_frozen_in_compute_dtype, prepare_padding_free
 
     hw = profile("h200", {})
     resident = memory_start()
@@ -581,8 +581,6 @@ def run_check(args) -> dict:
         steps["bf16_frozen_liger"] = loss_and_grads(padded)
     steps["fast"] = loss_and_grads(packed)  # + packed padding-free rows: the profile's path (sdpa)
     if CUDA:  # + flex attention for the packed rows (hardware.packed_attention)
-        from ptq_qlora.training import attention_for_packed_rows
-
         with attention_for_packed_rows(model, "flex_attention"):
             steps["fast_flex"] = loss_and_grads(packed)
     # + fused_lora (with its sibling groups), + the asynchronous offloaded checkpoint: the profile's whole path
@@ -590,7 +588,6 @@ def run_check(args) -> dict:
 
     from ptq_qlora.activation_offload import install_offloaded_checkpointing
     from ptq_qlora.adapters.fused_lora import fuse_lora_layers
-    from ptq_qlora.training import attention_for_packed_rows
 
     fuse_lora_layers(model)
     packed_attention = attention_for_packed_rows(model, "flex_attention") if CUDA else contextlib.nullcontext()

@@ -121,6 +121,14 @@ class LoraGroup(torch.autograd.Function):
         return (grad_x, None, *weights_grads)
 
 
+def run_group(flat: torch.Tensor, members: list, names: list[str]) -> tuple:
+    """LoraGroup over `members` (peft LoRA layers fused by fuse_lora_layers) with adapters `names`."""
+    spec = ([m.base_layer for m in members], [m._fused_base_kind for m in members],
+            [m.scaling[n] for m, n in zip(members, names)], [m.lora_A[n].weight.shape[0] for m, n in zip(members, names)])
+    weights = [w for m, n in zip(members, names) for w in (m.lora_A[n].weight, m.lora_B[n].weight)]
+    return LoraGroup.apply(flat, spec, *weights)
+
+
 class _SiblingGroup:
     """Runs LoraGroup once for the members' shared input and hands each member its output; the
     cache is dropped once every member has taken its output (or a call brings another input)."""
@@ -134,11 +142,7 @@ class _SiblingGroup:
         `flat`, its cast and reshaped view, is a new object per call)."""
         index = self.members.index(layer)
         if self._input is not given or index in self._taken:
-            spec = ([m.base_layer for m in self.members], [m._fused_base_kind for m in self.members],
-                    [m.scaling[n] for m, n in zip(self.members, names)],
-                    [m.lora_A[n].weight.shape[0] for m, n in zip(self.members, names)])
-            weights = [w for m, n in zip(self.members, names) for w in (m.lora_A[n].weight, m.lora_B[n].weight)]
-            self._input, self._outputs, self._taken = given, LoraGroup.apply(flat, spec, *weights), set()
+            self._input, self._outputs, self._taken = given, run_group(flat, self.members, names), set()
         out = self._outputs[index]
         self._taken.add(index)
         if len(self._taken) == len(self.members):
@@ -166,8 +170,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if names is not None and all(n == name for n in names):
         out = group.output_for(self, given, flat, names)
     else:
-        spec = ([self.base_layer], [self._fused_base_kind], [self.scaling[name]], [self.lora_A[name].weight.shape[0]])
-        out = LoraGroup.apply(flat, spec, self.lora_A[name].weight, self.lora_B[name].weight)[0]
+        out = run_group(flat, [self], [name])[0]
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     # peft returns the base layer's dtype: the input's for bnb and plain layers, the compute dtype under autocast
     return out if torch.is_autocast_enabled(x.device.type) else out.to(result_dtype)
