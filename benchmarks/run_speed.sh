@@ -102,6 +102,22 @@ elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ time: the issue's baseline script 
     PACK_IMPL=${FULL_PACK#default} timeout $((570 - SECONDS)) $S make --dir $B/g2 --arch llama2 --gptq --out "$R" > "$OUT/log_make.txt" 2>&1
     echo "gptq 32 layers rc=$? ${SECONDS}s"
   fi
+elif [ "${ONLY:-}" = gptqblock ]; then  # fourth session, call 1 (carry .site-speed, .site-gptq with gptqmodel_ext's
+  # gptq_block sources): gptqmodel's fused CUDA block update, which the earlier carry lacked (so GPTQ ran its
+  # per-column Python loop), built once with nvcc; then the baseline script, the stage's quantizer on 4 layers
+  # and on the whole 7B; then whether a dropped GPTQ model gives its memory back (the leak fix)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  python3 -c "import time; t=time.time(); from gptqmodel.quantization import gptq_cuda as g; ok=g.block_update_available(); \
+import json; print(json.dumps({'what': 'gptq_block_build', 'ok': ok, 'seconds': round(time.time()-t, 1), 'error': g._EXTENSION._last_error[-400:]}))" \
+    > "$OUT/log_build.txt" 2>&1; grep '^{' "$OUT/log_build.txt" | tee -a "$R"; echo "build done ${SECONDS}s"
+  GPTQ_DIR=$B/gb timeout 150 python3 benchmarks/gptq_time_baseline.py 4 128 2048 > "$OUT/log_baseline.txt" 2>&1
+  grep '^{' "$OUT/log_baseline.txt" | tee -a "$R"; rm -rf $B/gb; echo "baseline done ${SECONDS}s"
+  timeout 120 $S make --dir $B/g4 --arch llama2 --layers 4 --gptq --out "$R" > "$OUT/log_make4.txt" 2>&1
+  echo "4 layers rc=$? ${SECONDS}s"; rm -rf $B/g4
+  timeout $((520 - SECONDS)) $S make --dir $B/g32 --arch llama2 --gptq --out "$R" > "$OUT/log_make32.txt" 2>&1
+  echo "32 layers rc=$? ${SECONDS}s"; rm -rf $B/g32
+  timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 2>>"$OUT/log_release.txt" | grep '^{' >> "$R"
+  echo "release check rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

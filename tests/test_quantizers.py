@@ -162,3 +162,25 @@ def test_output_folder_must_be_fresh(src, tokenizer, tmp_path):
     (tmp_path / "out" / "stale.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
         quantize(BNB, src, tmp_path / "out", tokenizer, [], "float32")
+
+
+def test_gptq_warns_before_quantizing_when_the_fused_block_update_cannot_be_built(monkeypatch, caplog):
+    """Without gptqmodel's CUDA block kernel (no nvcc) GPTQ still runs, ~3x slower: a warning with the
+    library's reason comes before the long run; on CPU nothing is tried."""
+    from gptqmodel.quantization import gptq_cuda
+
+    from ptq_qlora.quantizers.gptq import fused_block_update_ready
+
+    calls = []
+    monkeypatch.setattr(gptq_cuda, "block_update_available", lambda: calls.append(1) or False)
+    monkeypatch.setattr(gptq_cuda._EXTENSION, "_last_error", "nvcc was not found", raising=False)
+    assert fused_block_update_ready("cpu") is False and calls == []
+    with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):
+        assert fused_block_update_ready("cuda:0") is False
+    assert calls == [1]
+    assert "nvcc was not found" in caplog.text and "3x slower" in caplog.text
+    monkeypatch.setattr(gptq_cuda, "block_update_available", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):
+        assert fused_block_update_ready("cuda:0") is True
+    assert "unavailable" not in caplog.text
