@@ -92,7 +92,9 @@ def qcfg(method: str = "bnb"):
     if method == "gptq":
         return QuantizerConfig(name="gptq-4bit", method="gptq", label="PTQ-GPTQ-4bit", bits=4, group_size=128,
                                desc_act=False, act_group_aware=False, sym=True, damp_percent=0.01,
-                               calibration_samples=128, calibration_max_tokens=512, verify_reload=False,
+                               calibration_samples=128, verify_reload=False,
+                               # CALIB_TOKENS: the baseline script's 2048 for a like-for-like time (stage: 512)
+                               calibration_max_tokens=int(os.environ.get("CALIB_TOKENS") or 512),
                                calibration_batch_size=8,  # the GPU profiles' gptq_calibration_batch_size
                                pack_impl=os.environ.get("PACK_IMPL") or None)  # gptqmodel's packing (gpu: CUDA)
     return QuantizerConfig(name="bnb-nf4", method="bnb", label="PTQ-BNB-4bit", bits=4, quant_type="nf4",
@@ -157,7 +159,7 @@ def make(args) -> None:
              seconds=round(time.perf_counter() - t0, 1))
     if args.gptq:  # item (c): the PTQ stage's GPTQ quantizer on the whole model, its default settings
         memory_start()
-        texts = random_texts(128, 600, min(config.vocab_size, 32000))
+        texts = random_texts(128, int(os.environ.get("CALIB_TOKENS") or 512) + 88, min(config.vocab_size, 32000))
         stats = quantize(qcfg("gptq"), src, Path(args.dir) / "gptq", word_tokenizer(32000), texts, "bfloat16")
         emit(Path(args.out) if args.out else None, what="make_gptq", arch=args.arch, layers=config.num_hidden_layers,
              pack_impl=os.environ.get("PACK_IMPL") or "default", fused_block_update=gptq_block_update_loaded(),
@@ -770,6 +772,14 @@ def table(args) -> None:
     env = next((r for r in records if r.get("what") == "env"), {})
     if env:
         print(f"device: {env.get('gpu')}; {env.get('versions')}\n")
+    runs = {}
+    for r in records:
+        if r.get("what") == "mode":
+            runs.setdefault(r["mode"], []).append(r)
+    for mode, rs in runs.items():  # repeated runs (e.g. alternated rounds): every one, the table shows the last
+        if len(rs) > 1:
+            print(f"{mode}, {len(rs)} runs: tok/s " + ", ".join(f"{r['tok_s']:,.0f}" for r in rs)
+                  + "; peak GiB " + ", ".join(f"{r['peak_gib']:.2f}" for r in rs))
     stock = modes.get("hf", {}).get("tok_s")
     names = {"hf": "stock HF (transformers+peft+bnb, sdpa, ckpt)", "liger": "HF + Liger (apply_liger_kernel_to_*)",
              "project_before": "project QLoRA path, speed options off (before)",

@@ -118,6 +118,28 @@ import json; print(json.dumps({'what': 'gptq_block_build', 'ok': ok, 'seconds': 
   echo "32 layers rc=$? ${SECONDS}s"; rm -rf $B/g32
   timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 2>>"$OUT/log_release.txt" | grep '^{' >> "$R"
   echo "release check rc=$? ${SECONDS}s"
+elif [ "${ONLY:-}" = ab ]; then  # fourth session, call 2 (carry .site-speed, .site-unsloth, .site-gptq): the h200
+  # profile's QLoRA path and unsloth alternated, each in a fresh process (no memory left by an earlier mode, two
+  # rounds for the noise), and QLoRA over GPTQ in its own fresh process; 24 steps a run (steps 3..24 timed)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
+    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  for round in 1 2; do
+    timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 24 --modes project --out "$R" >> "$OUT/log.txt" 2>&1
+    echo "project round $round rc=$? ${SECONDS}s"
+    env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 140 python3 benchmarks/unsloth_peer.py --steps 24 --dir $B/llama2 \
+      --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    echo "unsloth round $round rc=$? ${SECONDS}s"
+    if [ $round = 1 ]; then
+      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 24 --modes project_gptq --out "$R" >> "$OUT/log.txt" 2>&1
+      echo "project_gptq rc=$? ${SECONDS}s"
+    fi
+  done
+  rm -rf $B/llama2  # then, if time is left: is a dropped GPTQ model's memory given back (the leak fix)?
+  [ $SECONDS -lt 540 ] && timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 \
+    2>>"$OUT/log_release.txt" | grep '^{' >> "$R"; echo "release check ${SECONDS}s"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

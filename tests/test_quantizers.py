@@ -1,5 +1,6 @@
 """PTQ layer on a tiny random Llama (CPU): checkpoints reload in plain transformers with the logits of
 the in-memory quantized model, stay near the 16-bit model, decode greedily; bad inputs fail early."""
+import dataclasses
 import json
 
 import pytest
@@ -184,3 +185,31 @@ def test_gptq_warns_before_quantizing_when_the_fused_block_update_cannot_be_buil
     with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):
         assert fused_block_update_ready("cuda:0") is True
     assert "unavailable" not in caplog.text
+
+
+def test_gptq_gpu_eval_load_falls_back_to_triton_when_auto_kernel_cannot_be_built(monkeypatch, caplog, tmp_path):
+    """`auto` on a Hopper GPU picks Machete, which downloads CUTLASS to build: offline the load fails.
+    The default falls back to Triton's kernel with a warning; a backend the user named still raises."""
+    import transformers
+    from urllib.error import URLError
+
+    from ptq_qlora.quantizers import gptq
+
+    tried = []
+
+    def fake_from_pretrained(path, quantization_config, **kwargs):
+        tried.append(quantization_config.backend)
+        if quantization_config.backend == "auto":
+            raise URLError("name resolution")
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):
+        model = gptq._load(GPTQ, tmp_path, torch.bfloat16, for_training=False, device_map={"": "cuda:0"})
+    assert isinstance(model, torch.nn.Linear) and tried == ["auto", gptq.CUDA_EVAL_FALLBACK]
+    assert "URLError" in caplog.text and "gptq_triton" in caplog.text
+    named = dataclasses.replace(GPTQ, backend_eval="auto")
+    tried.clear()
+    with pytest.raises(URLError):
+        gptq._load(named, tmp_path, torch.bfloat16, for_training=False, device_map={"": "cuda:0"})
+    assert tried == ["auto"]

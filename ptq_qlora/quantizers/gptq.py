@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # gptqmodel's accepted values
 CPU_BACKENDS = {"eval": "gptq_torch_aten", "train": "gptq_torch"}
 CUDA_BACKENDS = {"eval": "auto", "train": "auto_trainable"}
+CUDA_EVAL_FALLBACK = "gptq_triton"  # when `auto`'s kernel cannot be built here (see _load)
 
 
 def import_gptqmodel():
@@ -207,14 +208,27 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
 
     device = str(next(iter(device_map.values()))) if isinstance(device_map, dict) else str(device_map or "cpu")
     backend = resolve_backend(qcfg, for_training, device)
-    # Only loading attributes (backend) of this config are used, the rest comes from config.json;
-    # transformers warns about exactly that, which is what we want.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=compute_dtype, device_map=device_map,
-            quantization_config=GPTQConfig(bits=qcfg.bits, backend=backend),
-        )
+
+    def load_with(name: str):
+        # Only loading attributes (backend) of this config are used, the rest comes from config.json;
+        # transformers warns about exactly that, which is what we want.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=compute_dtype, device_map=device_map,
+                quantization_config=GPTQConfig(bits=qcfg.bits, backend=name),
+            )
+
+    try:
+        model = load_with(backend)
+    except Exception as error:  # noqa: BLE001 - only the default `auto` choice falls back, named backends raise
+        if backend != CUDA_BACKENDS["eval"] or for_training or qcfg.backend_eval:
+            raise
+        # `auto` on a Hopper GPU picks Machete, whose first use builds CUTLASS kernels it downloads first:
+        # offline (or without nvcc) that fails inside the load. Triton's kernel needs neither.
+        log.warning("GPTQ: loading with gptqmodel's `auto` kernel failed (%s: %s); loading with %s instead "
+                    "(set quantizer.backend_eval to choose)", type(error).__name__, error, CUDA_EVAL_FALLBACK)
+        model = load_with(CUDA_EVAL_FALLBACK)
     if device == "cpu" or for_training:  # on a GPU, eval keeps it: its Triton kernels never call it
         drop_torch_compile(model)
     if for_training and training_hazards(model):
