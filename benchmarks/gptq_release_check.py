@@ -24,6 +24,20 @@ def allocated_gib() -> float:
     return 0.0
 
 
+def holders_of_quantized_layers(depth: int = 4) -> list[str]:
+    """Type chains of what still refers to a dropped model's GPTQ layers (empty when none survive)."""
+    survivors = [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "qweight")]
+    chains = []
+    for layer in survivors[:1]:
+        level, seen = [layer], {id(survivors)}
+        for _ in range(depth):
+            refs = [r for o in level for r in gc.get_referrers(o) if id(r) not in seen and r is not level]
+            seen.update(id(r) for r in refs)
+            chains.append(sorted({type(r).__name__ for r in refs})[:8])
+            level = [r for r in refs if not isinstance(r, (list,)) or len(r) < 50][:6]
+    return [f"{len(survivors)} GPTQ layers alive"] + [" | ".join(c) for c in chains] if survivors else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -37,9 +51,13 @@ def main() -> None:
     random_gptq_checkpoint(arch_config("llama2", args.layers), folder, device)
     record = {"what": "gptq_release", "layers": args.layers, "device": device, "start_gib": allocated_gib()}
     ids = torch.randint(3, 32000, (2, 128), device=device)
-    for use in ("eval", "training"):
-        if use == "eval":
+    for use in ("eval", "eval_without_compiled_dequantizer", "training"):
+        if use.startswith("eval"):
             model = load_quantized(qcfg("gptq"), folder, "bfloat16", for_training=False)
+            if use != "eval":  # is gptqmodel's torch.compile'd dequantizer what keeps an eval model alive too?
+                from ptq_qlora.quantizers.gptq import drop_torch_compile
+
+                drop_torch_compile(model)
             with torch.no_grad():
                 model(input_ids=ids)
         else:
@@ -50,6 +68,7 @@ def main() -> None:
         record[f"{use}_loaded_gib"] = torch.cuda.memory_allocated() / 2**30 if device != "cpu" else 0.0
         del model
         record[f"{use}_after_drop_gib"] = allocated_gib()
+        record[f"{use}_kept_by"] = holders_of_quantized_layers()
     print(json.dumps(record), flush=True)
 
 

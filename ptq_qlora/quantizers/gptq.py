@@ -7,8 +7,11 @@ training_safety.py.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,9 +34,31 @@ def import_gptqmodel():
     2-core machine, and its model-loader pool needs 2 ("requests 2 workers but parent 'cpu' only has 1")."""
     if "GPTQMODEL_CPU_WORKERS" not in os.environ and ((os.cpu_count() or 1) + 1) // 2 < 2:
         os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+    if "gptqmodel" not in sys.modules:
+        _import_in_own_thread("gptqmodel")
     import gptqmodel
 
     return gptqmodel
+
+
+def _import_in_own_thread(name: str) -> None:
+    """gptqmodel's import leaves its module frame referenced for good, and through the frames' f_back
+    chain every caller's frame with its locals: a model loaded by the function that first imported it
+    (a GPTQ eval load, say) was never freed (seen on CPU and on an H200). Importing in a short-lived
+    thread gives that chain the thread's frames, not ours."""
+    failure = []
+
+    def run():
+        try:
+            importlib.import_module(name)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name=f"import-{name}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def resolve_backend(qcfg: QuantizerConfig, for_training: bool, device: str) -> str:
