@@ -179,7 +179,7 @@ def test_gptq_warns_before_quantizing_when_the_fused_block_update_cannot_be_buil
     with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):
         assert fused_block_update_ready("cuda:0") is False
     assert calls == [1]
-    assert "nvcc was not found" in caplog.text and "3x slower" in caplog.text
+    assert "nvcc was not found" in caplog.text and "2-4x slower" in caplog.text
     monkeypatch.setattr(gptq_cuda, "block_update_available", lambda: True)
     caplog.clear()
     with caplog.at_level("WARNING", logger="ptq_qlora.quantizers.gptq"):

@@ -166,7 +166,7 @@ def drop_torch_compile(model: torch.nn.Module) -> None:
 def fused_block_update_ready(device: str) -> bool:
     """Whether gptqmodel's fused CUDA kernel for GPTQ's 128-column blocks can run (it is built from
     source with nvcc on first use, then cached). Without it gptqmodel falls back to a Python loop over
-    every column, ~3x slower on a GPU (a 7B: 15.8 vs 4.8 s per layer, benchmarks/RESULTS.md): say so
+    every column, 2-4x slower on a GPU (the stage on 7B layers: 12.1 vs 2.9 s each, benchmarks/RESULTS.md): say so
     before the long run rather than after. On CPU gptqmodel always takes that loop."""
     if not device.startswith("cuda"):
         return False
@@ -177,7 +177,7 @@ def fused_block_update_ready(device: str) -> bool:
         return True
     reason = getattr(getattr(gptq_cuda, "_EXTENSION", None), "_last_error", "") or "unknown reason"
     log.warning("GPTQ: gptqmodel's fused CUDA block update is unavailable (%s); quantization falls back to "
-                "its per-column Python loop, about 3x slower. It needs nvcc (the CUDA toolkit) and ninja.", reason)
+                "its per-column Python loop, 2-4x slower. It needs nvcc (the CUDA toolkit) and ninja.", reason)
     return False
 
 
@@ -244,6 +244,7 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
                 quantization_config=GPTQConfig(bits=qcfg.bits, backend=name),
             )
 
+    model = None
     try:
         model = load_with(backend)
     except Exception as error:  # noqa: BLE001 - only the default `auto` choice falls back, named backends raise
@@ -253,6 +254,7 @@ def _load(qcfg: QuantizerConfig, path: Path, compute_dtype: torch.dtype, for_tra
         # offline (or without nvcc) that fails inside the load. Triton's kernel needs neither.
         log.warning("GPTQ: loading with gptqmodel's `auto` kernel failed (%s: %s); loading with %s instead "
                     "(set quantizer.backend_eval to choose)", type(error).__name__, error, CUDA_EVAL_FALLBACK)
+    if model is None:  # outside the handler: its traceback would keep the failed load's tensors alive meanwhile
         model = load_with(CUDA_EVAL_FALLBACK)
     if device == "cpu" or for_training:  # on a GPU, eval keeps it: its Triton kernels never call it
         drop_torch_compile(model)
