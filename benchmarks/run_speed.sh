@@ -24,6 +24,13 @@ R=$OUT/results.jsonl
 S="python3 benchmarks/qlora_speed.py"
 shm() { [ "$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1)" -gt "$1" ] 2>/dev/null && echo /dev/shm || echo /tmp; }
 B=$(shm 24)
+use_gptq_site() {  # gptqmodel and its pure-Python deps, pruned (.site-gptq; RESULTS.md says what is in it)
+  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+}
+install_unsloth_site() {  # unsloth runs in its own process on the image's transformers (benchmarks/UNSLOTH.md)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
+    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+}
 if [ "${ONLY:-}" = recheck ]; then  # the second call: fixed-width packed batches, check with its noise floor
   timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
@@ -48,13 +55,12 @@ elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time 
 elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): the
   # h200 profile (fused_lora with sibling groups, async offload, fused AdamW) beside unsloth, stock HF, the GPU
   # gradient checks (NF4 fast vs plain, GPTQ), QLoRA over GPTQ; 16 steps a mode (steps 3..16 timed)
-  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  use_gptq_site
   timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
   timeout 150 $S run --dir $B/llama2 --arch llama2 --steps 16 --modes project,project_nogroup --out "$R" > "$OUT/log.txt" 2>&1
   echo "run A rc=$? ${SECONDS}s"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
-    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  install_unsloth_site
   env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 150 python3 benchmarks/unsloth_peer.py --steps 16 --dir $B/llama2 \
     --out "$R" > "$OUT/log_unsloth.txt" 2>&1
   echo "unsloth rc=$? ${SECONDS}s"; rm -rf $B/llama2/bf16
@@ -76,8 +82,7 @@ elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + 
   echo "make done ${SECONDS}s"
   timeout 200 $S run --dir $B/llama2 --arch llama2 --steps 10 --modes project,project_offload,project_unfused --out "$R" > "$OUT/log.txt" 2>&1
   echo "run A rc=$? ${SECONDS}s"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
-    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  install_unsloth_site
   U="env PYTHONPATH=/tmp/site-unsloth:$PWD python3 benchmarks/unsloth_peer.py --steps 10"  # /tmp/site (trl 1.16) left off
   timeout 200 $U --dir $B/llama2 --out "$R" > "$OUT/log_unsloth.txt" 2>&1 || { [ $SECONDS -lt 330 ] &&
     timeout 150 $U --from-bf16 $B/llama2/bf16 --out "$R" >> "$OUT/log_unsloth.txt" 2>&1; }
@@ -91,7 +96,7 @@ elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + 
   echo "offload selfcheck rc=$? ${SECONDS}s"; tail -8 "$OUT/log_selfcheck.txt"
 elif [ "${ONLY:-}" = gptqpack ]; then  # GPTQ time: the issue's baseline script (4 layers, 128 x 2048 tokens) beside
   # the PTQ stage's quantizer on 4 layers with gptqmodel's default (CPU) packing and its CUDA packing, then 32 layers
-  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  use_gptq_site
   GPTQ_DIR=$B/gb timeout 150 python3 benchmarks/gptq_time_baseline.py 4 128 2048 > "$OUT/log_baseline.txt" 2>&1
   grep '^{' "$OUT/log_baseline.txt" | tee -a "$R"; rm -rf $B/gb; echo "baseline done ${SECONDS}s"
   for impl in "" gpu; do
@@ -106,7 +111,7 @@ elif [ "${ONLY:-}" = gptqblock ]; then  # fourth session, call 1 (carry .site-sp
   # gptq_block sources): gptqmodel's fused CUDA block update, which the earlier carry lacked (so GPTQ ran its
   # per-column Python loop), built once with nvcc; then the baseline script, the stage's quantizer on 4 layers
   # and on the whole 7B; then whether a dropped GPTQ model gives its memory back (the leak fix)
-  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  use_gptq_site
   python3 -c "import time; t=time.time(); from gptqmodel.quantization import gptq_cuda as g; ok=g.block_update_available(); \
 import json; print(json.dumps({'what': 'gptq_block_build', 'ok': ok, 'seconds': round(time.time()-t, 1), 'error': g._EXTENSION._last_error[-400:]}))" \
     > "$OUT/log_build.txt" 2>&1; grep '^{' "$OUT/log_build.txt" | tee -a "$R"; echo "build done ${SECONDS}s"
@@ -121,11 +126,10 @@ import json; print(json.dumps({'what': 'gptq_block_build', 'ok': ok, 'seconds': 
 elif [ "${ONLY:-}" = ab ]; then  # fourth session, call 2 (carry .site-speed, .site-unsloth, .site-gptq): the h200
   # profile's QLoRA path and unsloth alternated, each in a fresh process (no memory left by an earlier mode, two
   # rounds for the noise), and QLoRA over GPTQ in its own fresh process; 24 steps a run (steps 3..24 timed)
-  export PYTHONPATH=$PYTHONPATH:$PWD/.site-gptq/py LD_LIBRARY_PATH=$PWD/.site-gptq/lib USE_HUB_KERNELS=0
+  use_gptq_site
   timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
-    .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
+  install_unsloth_site
   for round in 1 2; do
     timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 24 --modes project --out "$R" >> "$OUT/log.txt" 2>&1
     echo "project round $round rc=$? ${SECONDS}s"

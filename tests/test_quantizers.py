@@ -166,7 +166,7 @@ def test_output_folder_must_be_fresh(src, tokenizer, tmp_path):
 
 
 def test_gptq_warns_before_quantizing_when_the_fused_block_update_cannot_be_built(monkeypatch, caplog):
-    """Without gptqmodel's CUDA block kernel (no nvcc) GPTQ still runs, ~3x slower: a warning with the
+    """Without gptqmodel's CUDA block kernel (no nvcc) GPTQ still runs, 2-4x slower: a warning with the
     library's reason comes before the long run; on CPU nothing is tried."""
     from gptqmodel.quantization import gptq_cuda
 
