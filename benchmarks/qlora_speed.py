@@ -695,8 +695,55 @@ def run_gptq_check(args) -> dict:
     return result
 
 
+def run_sdpa_check(args) -> dict:
+    """hardware.sdpa_priority on the GPU: which attention kernels sdpa runs with torch's order and with
+    cuDNN first (profiler kernel names), and cuDNN's loss and LoRA gradients against flash's on the same
+    fixed rows (4 x seq, causal, no padding), with flash run twice for its own noise floor."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from ptq_qlora.stages.qlora import trainable_quantized_model
+    from ptq_qlora.training import keep_frozen_in_compute_dtype, sdpa_preference
+
+    hw = profile("h200", {})
+    resident = memory_start()
+    torch.manual_seed(0)
+    model, _ = trainable_quantized_model(qcfg(), Path(args.dir) / "nf4", hw, TARGETS,
+                                         {"r": 16, "alpha": 32, "dropout": 0.0})
+    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    randomize_lora_b(model)
+    model.train()
+    ids = torch.tensor([r["input_ids"] for r in fixed_rows(4, args.seq, min(model.config.vocab_size, 32000), seed=7)],
+                       device=model.device)
+
+    def loss_and_grads(order):
+        model.zero_grad(set_to_none=True)
+        with sdpa_preference(order), torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+            with torch_profile(activities=[ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]) as prof:
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
+        names = sorted({e.key[:80] for e in prof.key_averages()
+                        if any(w in e.key.lower() for w in ("flash", "cudnn", "fmha", "sdpa", "attention"))})
+        return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}, names
+
+    def rel(a, b):
+        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
+
+    steps = {"torch_order": loss_and_grads(None), "torch_order_again": loss_and_grads(None),
+             "cudnn_first": loss_and_grads(["cudnn"])}
+    base_loss, base_grads, _ = steps["torch_order"]
+    result = {"check_batch": list(ids.shape), "hardware": vars(hw) | {"name": "h200"},
+              "attention_kernels": {k: v[2] for k, v in steps.items()},
+              "losses": {k: v[0] for k, v in steps.items()},
+              "loss_rel_diff_vs_torch_order": {k: abs(v[0] - base_loss) / base_loss for k, v in steps.items()},
+              "grad_rel_err_vs_torch_order": {k: rel(v[1], base_grads) for k, v in steps.items()},
+              "peak_gib": peak_gib(), "resident_gib": resident}
+    del model
+    return result
+
+
 MODES = {
     "check": run_check,
+    "sdpa_check": run_sdpa_check,
     "gptq_check": run_gptq_check,
     "hf": lambda a: run_hf(a, liger=False),
     "liger": lambda a: run_hf(a, liger=True),
@@ -715,6 +762,10 @@ MODES = {
     "project_unfused": lambda a: run_project(a, {"fused_lora": False}, "fixed"),
     "project_nogroup": lambda a: run_without_sibling_groups(a),
     "project_compiled": lambda a: run_project(a, {"compile_layers": True}, "fixed"),
+    "project_cudnn": lambda a: run_project(a, {"sdpa_priority": ["cudnn"]}, "fixed"),
+    "project_keep": lambda a: run_project(a, {"keep_recomputed_weights": True}, "fixed"),
+    "project_cudnn_keep": lambda a: run_project(a, {"sdpa_priority": ["cudnn"], "keep_recomputed_weights": True},
+                                                "fixed"),
     "gen": run_gen,
     "profile": run_profile,
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -790,6 +841,9 @@ def table(args) -> None:
              "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
              "project_nogroup": "project, h200 profile, fused_lora without the q/k/v, gate/up groups",
              "project_compiled": "project, h200 profile + compile_layers (experiment)",
+             "project_cudnn": "project, h200 profile + sdpa_priority [cudnn]",
+             "project_keep": "project, h200 profile + keep_recomputed_weights",
+             "project_cudnn_keep": "project, h200 profile + sdpa_priority [cudnn] + keep_recomputed_weights",
              "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)",
              "unsloth": "unsloth (FastLanguageModel, gradient ckpt \"unsloth\"; benchmarks/unsloth_peer.py)"}
     measured = modes.get("unsloth", {}).get("tok_s")  # the same GPU and batches, else the H100 reference

@@ -144,6 +144,24 @@ elif [ "${ONLY:-}" = ab ]; then  # fourth session, call 2 (carry .site-speed, .s
   rm -rf $B/llama2  # then, if time is left: is a dropped GPTQ model's memory given back (the leak fix)?
   [ $SECONDS -lt 540 ] && timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 \
     2>>"$OUT/log_release.txt" | grep '^{' >> "$R"; echo "release check ${SECONDS}s"
+elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1 (carry .site-speed, .site-unsloth): which attention kernel
+  # sdpa runs and cuDNN's gradients vs flash's; then fresh processes alternated: the h200 profile as it was,
+  # + sdpa_priority [cudnn], + keep_recomputed_weights, unsloth; 20 steps a run (steps 3..20 timed)
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  timeout 90 $S run --dir $B/llama2 --arch llama2 --modes sdpa_check --out "$R" > "$OUT/log_check.txt" 2>&1
+  echo "sdpa_check rc=$? ${SECONDS}s"
+  for m in project project_cudnn project_cudnn_keep unsloth project_cudnn_keep unsloth project; do
+    [ $SECONDS -gt 520 ] && { echo "skipped $m (time)"; continue; }
+    if [ $m = unsloth ]; then
+      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
+        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    else
+      timeout 90 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
+    fi
+    echo "$m rc=$? ${SECONDS}s"
+  done
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

@@ -41,6 +41,14 @@ _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 # graph). Only a prefetch hint: correctness never depends on it.
 _forward_order: list[weakref.ref] = []
 _order_lock = threading.Lock()  # forward runs on the main thread, CUDA backward on autograd's thread
+# set while a layer is recomputed for its backward (on the thread running that backward)
+_recompute = threading.local()
+
+
+def recomputing() -> bool:
+    """True inside an offloaded checkpoint's recomputation: what a function saves there lives only until
+    that layer's backward, which follows at once (fused_lora keeps its dequantized weights for it)."""
+    return getattr(_recompute, "active", False)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -184,7 +192,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         hidden_needs_grad = ctx.needs_input_grad[3]
         hidden = hidden.detach().requires_grad_(hidden_needs_grad)
         with _replayed(ctx.autocast, ctx.rng, hidden.device):
-            out, _ = _hidden_of(ctx.run(hidden, *ctx.rest))
+            _recompute.active = True
+            try:
+                out, _ = _hidden_of(ctx.run(hidden, *ctx.rest))
+            finally:
+                _recompute.active = False
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
         grad_hidden = hidden.grad if hidden_needs_grad else None

@@ -128,3 +128,41 @@ def test_compiled_decoder_layers_keep_the_fused_gradients(folders):
         assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
         total, worst = relative_gradient_error(grads, expected)
         assert total < 1e-4 and worst < 1e-3, (total, worst)
+
+
+@pytest.mark.parametrize("base", ["plain", "bnb"])
+def test_kept_recomputed_weights_save_one_dequantization_and_change_nothing(folders, base, monkeypatch):
+    """keep_recomputed_weights under the offloaded checkpoint: a step dequantizes each base twice
+    (forward, recomputation) instead of three times (and the backward's again), with bit-identical loss
+    and LoRA gradients; outside a recomputation (no checkpointing) nothing is kept."""
+    from ptq_qlora.activation_offload import install_offloaded_checkpointing
+    from ptq_qlora.adapters import fused_lora
+
+    batch = probe_input_ids(259, batch=2, length=24)
+    calls = []
+    original = fused_lora.weight_in_out
+    monkeypatch.setattr(fused_lora, "weight_in_out", lambda *a: calls.append(1) or original(*a))
+
+    def run(keep: bool, checkpointed: bool = True):
+        model = _model(folders, base)
+        fuse_lora_layers(model, keep_recomputed_weights=keep)
+        if checkpointed:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            install_offloaded_checkpointing(model)
+        calls.clear()
+        shapes = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.add(tuple(t.shape)) or t, lambda t: t):
+            result = lora_gradients(model, batch)
+        bases = [m.base_layer for m in model.modules() if hasattr(m, "_fused_base_kind")]
+        return result, len(calls), len(bases), shapes, {(b.in_features, b.out_features) for b in bases}
+
+    (loss, grads), dequantized, layers, _, _ = run(keep=False)
+    assert dequantized == 3 * layers
+    (kept_loss, kept_grads), kept_dequantized, _, kept_shapes, weights = run(keep=True)
+    assert kept_dequantized == 2 * layers
+    assert kept_shapes & weights  # the recomputation did save them
+    assert kept_loss == loss
+    for name, grad in grads.items():
+        assert torch.equal(kept_grads[name], grad), name
+    _, plain_dequantized, _, plain_shapes, _ = run(keep=True, checkpointed=False)
+    assert plain_dequantized == 2 * layers and not plain_shapes & weights

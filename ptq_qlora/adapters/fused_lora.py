@@ -6,7 +6,9 @@ recomputation), and in the backward the scaling's gradient, an input-sized `lora
 and its sum with the base's. Here the forward writes `x @ W` and adds the rank-r product into it with
 one addmm; the backward writes `g @ W^T` and adds the rank-r input gradient into it with one addmm.
 Only x and the rank-r `x @ A^T` are kept for the backward; the base weight is dequantized again there
-(as bnb's own 4-bit matmul does), never saved. The rank-r product is accumulated in float32 before its
+(as bnb's own 4-bit matmul does), never saved; except, with `keep_recomputed_weights`, in an offloaded
+checkpoint's recomputation, whose backward follows at once: the weights dequantized there serve it
+(one dequantization fewer per layer and step, one layer's 16-bit weights more at the peak). The rank-r product is accumulated in float32 before its
 one rounding, so under bf16 it differs from peft's by rounding only; in float32 it is peft's function
 (tests/test_fused_lora.py). unsloth's fast_lora kernels do the same per projection.
 
@@ -19,6 +21,8 @@ import logging
 import types
 
 import torch
+
+from ptq_qlora.activation_offload import recomputing
 
 log = logging.getLogger(__name__)
 
@@ -75,30 +79,34 @@ class LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *weights):
-        bases, kinds, scalings, ranks = spec
+        bases, kinds, scalings, ranks, keep = spec
         lora_as, lora_bs = weights[0::2], weights[1::2]
         a = torch.cat([w.to(x.dtype) for w in lora_as])  # [sum r, in]
         bs = [w.to(x.dtype) for w in lora_bs]
         down = x @ a.t()  # [tokens, sum r]
-        outs, start = [], 0
+        outs, kept, start = [], [], 0
         for base, kind, scaling, rank, b in zip(bases, kinds, scalings, ranks, bs):
-            out = x @ weight_in_out(base, kind, x.dtype)
+            weight = weight_in_out(base, kind, x.dtype)
+            if keep:
+                kept.append(weight)
+            out = x @ weight
             if getattr(base, "bias", None) is not None:
                 out += base.bias.to(out.dtype)
             out.addmm_(down[:, start:start + rank], b.t(), alpha=scaling)
             outs.append(out)
             start += rank
-        ctx.save_for_backward(x, down, a, *bs)
+        ctx.save_for_backward(x, down, a, *bs, *kept)
         ctx.spec = spec
         ctx.param_dtypes = [w.dtype for w in weights]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, down, a, *bs = ctx.saved_tensors
-        bases, kinds, scalings, ranks = ctx.spec
+        bases, kinds, scalings, ranks, _ = ctx.spec
+        x, down, a, *rest = ctx.saved_tensors
+        bs, kept = rest[:len(ranks)], rest[len(ranks):]
         grad_x, grad_ups, grad_bs, start = None, [], [], 0
-        for grad, base, kind, scaling, rank, b in zip(grads, bases, kinds, scalings, ranks, bs):
+        for i, (grad, base, kind, scaling, rank, b) in enumerate(zip(grads, bases, kinds, scalings, ranks, bs)):
             if grad is None:  # an output nobody used
                 grad_ups.append(x.new_zeros(x.shape[0], rank))
                 grad_bs.append(None)
@@ -106,7 +114,7 @@ class LoraGroup(torch.autograd.Function):
                 grad = grad.to(x.dtype)
                 grad_ups.append((grad @ b).mul_(scaling))  # scaled here: one addmm below for all members
                 grad_bs.append((grad.t() @ down[:, start:start + rank]).mul_(scaling))
-                weight_t = weight_in_out(base, kind, x.dtype).t()
+                weight_t = (kept[i] if kept else weight_in_out(base, kind, x.dtype)).t()
                 grad_x = grad @ weight_t if grad_x is None else grad_x.addmm_(grad, weight_t)
             start += rank
         grad_up = torch.cat(grad_ups, dim=1)  # [tokens, sum r]
@@ -123,8 +131,10 @@ class LoraGroup(torch.autograd.Function):
 
 def run_group(flat: torch.Tensor, members: list, names: list[str]) -> tuple:
     """LoraGroup over `members` (peft LoRA layers fused by fuse_lora_layers) with adapters `names`."""
+    keep = members[0]._fused_keep_weights and torch.is_grad_enabled() and recomputing()
     spec = ([m.base_layer for m in members], [m._fused_base_kind for m in members],
-            [m.scaling[n] for m, n in zip(members, names)], [m.lora_A[n].weight.shape[0] for m, n in zip(members, names)])
+            [m.scaling[n] for m, n in zip(members, names)], [m.lora_A[n].weight.shape[0] for m, n in zip(members, names)],
+            keep)
     weights = [w for m, n in zip(members, names) for w in (m.lora_A[n].weight, m.lora_B[n].weight)]
     return LoraGroup.apply(flat, spec, *weights)
 
@@ -180,9 +190,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def fuse_lora_layers(peft_model: torch.nn.Module) -> int:
+def fuse_lora_layers(peft_model: torch.nn.Module, keep_recomputed_weights: bool = False) -> int:
     """Give every peft LoRA layer of `peft_model` whose base has a dense weight the fused forward;
-    returns the number of layers (the others keep peft's, logged)."""
+    returns the number of layers (the others keep peft's, logged). `keep_recomputed_weights`: see the
+    module's docstring (acts only under ptq_qlora/activation_offload.py's checkpoint)."""
     count, others = 0, set()
     for module in peft_model.modules():
         if not all(hasattr(module, a) for a in ("lora_A", "lora_B", "base_layer", "scaling", "lora_variant")):
@@ -194,6 +205,7 @@ def fuse_lora_layers(peft_model: torch.nn.Module) -> int:
             others.add(type(module.base_layer).__name__)
             continue
         module._fused_base_kind = kind
+        module._fused_keep_weights = keep_recomputed_weights
         module._unfused_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         count += 1

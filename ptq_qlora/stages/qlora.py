@@ -53,8 +53,9 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
         else:
             from ptq_qlora.adapters.fused_lora import fuse_lora_layers
 
-            log.info("LoRA and its base in one autograd function: %d layers (hardware.fused_lora)",
-                     fuse_lora_layers(model))
+            keep = option_applies(hardware, "keep_recomputed_weights")
+            log.info("LoRA and its base in one autograd function: %d layers (hardware.fused_lora%s)",
+                     fuse_lora_layers(model, keep_recomputed_weights=keep), ", keep_recomputed_weights" if keep else "")
     if option_applies(hardware, "compile_layers"):
         log.info("torch.compile on %d decoder layers (hardware.compile_layers; the first step compiles)",
                  compile_decoder_layers(model))
