@@ -281,7 +281,7 @@ def profile(name: str, overrides: dict) -> SimpleNamespace:
 
     hw = load_profile(name)
     # one micro-batch per optimizer step, as the stock-HF loop: step times compare directly
-    hw.update(dataloader_workers=0, num_processes=1, grad_accum=1, **overrides)
+    hw.update({"dataloader_workers": 0, "num_processes": 1, "grad_accum": 1} | overrides)
     if not CUDA:
         hw.update(device="cpu", dtype="float32", use_liger_kernel=False, packed_attention=None)
     return SimpleNamespace(**hw)
@@ -433,6 +433,33 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
     return result
 
 
+def run_project_in_plain_loop(args, overrides: dict) -> dict:
+    """The project's QLoRA model path (the h200 profile's model-side options: fused_lora, bf16 frozen
+    weights, Liger, the offloaded checkpoint) trained by the peers' plain loop instead of the stage's
+    Trainer: what the Trainer's own step costs (clipping, logging, token counting, its scheduler)."""
+    from ptq_qlora.activation_offload import install_offloaded_checkpointing
+    from ptq_qlora.stages.qlora import trainable_quantized_model
+    from ptq_qlora.training import keep_frozen_in_compute_dtype
+
+    hw = profile("h200", overrides)
+    resident = memory_start()
+    torch.manual_seed(0)
+    model, _ = trainable_quantized_model(qcfg(), Path(args.dir) / "nf4", hw, TARGETS,
+                                         {"r": 16, "alpha": 32, "dropout": 0.0})
+    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    if CUDA:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model())
+    install_offloaded_checkpointing(model)
+    with torch.autocast("cuda" if CUDA else "cpu", dtype=torch.bfloat16, enabled=CUDA):
+        result = plain_training_loop(model, SimpleNamespace(batch=hw.train_batch_size, steps=args.steps, seq=args.seq),
+                                     model.device)
+    result.update(peak_gib=peak_gib(), resident_gib=resident, hardware=vars(hw) | {"name": "h200"})
+    del model
+    return result
+
+
 def run_without_sibling_groups(args) -> dict:
     """The h200 profile with fused_lora's q/k/v and gate/up grouping off (each LoRA layer its own node)."""
     from ptq_qlora.adapters import fused_lora
@@ -444,9 +471,29 @@ def run_without_sibling_groups(args) -> dict:
         fused_lora.SIBLINGS = siblings
 
 
-def run_profile(args) -> dict:
+def busy_and_idle(events) -> dict:
+    """From a profile's device kernels: the window's wall time (first kernel start to last kernel end),
+    the time at least one kernel runs (union of intervals over all streams) and the idle rest (launch
+    gaps, host waits), in ms."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
+                   and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy, start, end = 0.0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start = busy + end - start, a
+        end = max(end, b)
+    busy += end - start
+    wall = max(b for _, b in spans) - spans[0][0]
+    return {"window_ms": round(wall / 1e3, 2), "busy_ms": round(busy / 1e3, 2), "idle_ms": round((wall - busy) / 1e3, 2)}
+
+
+def run_profile(args, overrides: dict | None = None) -> dict:
     """Where a step of the project's QLoRA path spends its time: torch.profiler over steps 3-4 of the
-    `project` mode, kernels grouped by name, the 30 largest by device (CPU: host) self time."""
+    `project` mode (with `overrides`), kernels grouped by name, the 40 largest by device (CPU: host)
+    self time, and how much of the window the GPU ran no kernel at all."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
@@ -464,14 +511,14 @@ def run_profile(args) -> dict:
                 sync()
                 holder["prof"].__exit__(None, None, None)
 
-    result = run_project(args, {}, "fixed", extra_callbacks=[Window()])
+    result = run_project(args, overrides or {}, "fixed", extra_callbacks=[Window()])
     key = "self_device_time_total" if CUDA else "self_cpu_time_total"
     events = [e for e in holder["prof"].key_averages() if getattr(e, key, 0) > 0]
     total = sum(getattr(e, key) for e in events)
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:30]
-    result["profile"] = {"steps": 2, "total_ms": total / 1e3, "time": key, "top": [
-        {"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 2),
-         "share": round(getattr(e, key) / total, 4)} for e in top]}
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:40]
+    result["profile"] = {"steps": 2, "total_ms": total / 1e3, "time": key, **busy_and_idle(holder["prof"].events()),
+                         "top": [{"name": e.key[:110], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 2),
+                                  "share": round(getattr(e, key) / total, 4)} for e in top]}
     return result
 
 
@@ -696,13 +743,16 @@ def run_gptq_check(args) -> dict:
 
 
 def run_sdpa_check(args) -> dict:
-    """hardware.sdpa_priority on the GPU: which attention kernels sdpa runs with torch's order and with
-    cuDNN first (profiler kernel names), and cuDNN's loss and LoRA gradients against flash's on the same
-    fixed rows (4 x seq, causal, no padding), with flash run twice for its own noise floor."""
+    """Which attention kernels sdpa runs in the QLoRA path (profiler kernel names; torch 2.11 on an H200
+    picks cuDNN's), run twice for the noise floor, and with flash forced (sdpa_kernel): loss and LoRA
+    gradients on the same fixed rows (4 x seq, causal, no padding)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from ptq_qlora.stages.qlora import trainable_quantized_model
-    from ptq_qlora.training import keep_frozen_in_compute_dtype, sdpa_preference
+    from ptq_qlora.training import keep_frozen_in_compute_dtype
 
     hw = profile("h200", {})
     resident = memory_start()
@@ -715,9 +765,10 @@ def run_sdpa_check(args) -> dict:
     ids = torch.tensor([r["input_ids"] for r in fixed_rows(4, args.seq, min(model.config.vocab_size, 32000), seed=7)],
                        device=model.device)
 
-    def loss_and_grads(order):
+    def loss_and_grads(backends):
         model.zero_grad(set_to_none=True)
-        with sdpa_preference(order), torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
+        chosen = sdpa_kernel(backends) if backends else contextlib.nullcontext()
+        with chosen, torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA):
             with torch_profile(activities=[ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]) as prof:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
@@ -729,7 +780,7 @@ def run_sdpa_check(args) -> dict:
         return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
 
     steps = {"torch_order": loss_and_grads(None), "torch_order_again": loss_and_grads(None),
-             "cudnn_first": loss_and_grads(["cudnn"])}
+             "flash_forced": loss_and_grads([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])}
     base_loss, base_grads, _ = steps["torch_order"]
     result = {"check_batch": list(ids.shape), "hardware": vars(hw) | {"name": "h200"},
               "attention_kernels": {k: v[2] for k, v in steps.items()},
@@ -762,12 +813,13 @@ MODES = {
     "project_unfused": lambda a: run_project(a, {"fused_lora": False}, "fixed"),
     "project_nogroup": lambda a: run_without_sibling_groups(a),
     "project_compiled": lambda a: run_project(a, {"compile_layers": True}, "fixed"),
-    "project_cudnn": lambda a: run_project(a, {"sdpa_priority": ["cudnn"]}, "fixed"),
     "project_keep": lambda a: run_project(a, {"keep_recomputed_weights": True}, "fixed"),
-    "project_cudnn_keep": lambda a: run_project(a, {"sdpa_priority": ["cudnn"], "keep_recomputed_weights": True},
-                                                "fixed"),
+    "project_keep_loop": lambda a: run_project_in_plain_loop(a, {"keep_recomputed_weights": True}),
+    # the h200 profile's own 4 data-loading workers (the other modes collate in the training process)
+    "project_keep_workers": lambda a: run_project(a, {"keep_recomputed_weights": True, "dataloader_workers": 4}, "fixed"),
     "gen": run_gen,
     "profile": run_profile,
+    "profile_keep": lambda a: run_profile(a, {"keep_recomputed_weights": True}),
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
     "sft1b_before": lambda a: run_project(a, SPEED_OFF, "real", sft=True),
 }
@@ -841,8 +893,11 @@ def table(args) -> None:
              "project_unfused": "project, h200 profile without fused_lora (peft's LoRA forward)",
              "project_nogroup": "project, h200 profile, fused_lora without the q/k/v, gate/up groups",
              "project_compiled": "project, h200 profile + compile_layers (experiment)",
-             "project_cudnn": "project, h200 profile + sdpa_priority [cudnn]",
              "project_keep": "project, h200 profile + keep_recomputed_weights",
+             "project_keep_loop": "project's model path (+ keep_recomputed_weights) in the peers' plain loop",
+             "project_keep_workers": "project + keep_recomputed_weights, the profile's 4 data-loading workers",
+             # fifth session call 1: an option since removed (torch already ran cuDNN's attention)
+             "project_cudnn": "project, h200 profile + sdpa_priority [cudnn] (no effect: cuDNN already)",
              "project_cudnn_keep": "project, h200 profile + sdpa_priority [cudnn] + keep_recomputed_weights",
              "project_fusedlora": "project, h200 profile + one-addmm LoRA add (experiment, third session call 1)",
              "unsloth": "unsloth (FastLanguageModel, gradient ckpt \"unsloth\"; benchmarks/unsloth_peer.py)"}

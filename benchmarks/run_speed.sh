@@ -144,7 +144,8 @@ elif [ "${ONLY:-}" = ab ]; then  # fourth session, call 2 (carry .site-speed, .s
   rm -rf $B/llama2  # then, if time is left: is a dropped GPTQ model's memory given back (the leak fix)?
   [ $SECONDS -lt 540 ] && timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 \
     2>>"$OUT/log_release.txt" | grep '^{' >> "$R"; echo "release check ${SECONDS}s"
-elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1 (carry .site-speed, .site-unsloth): which attention kernel
+elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1, at commit 1a21bf7 (project_cudnn* and the sdpa_priority
+  # option were removed after it; carry .site-speed, .site-unsloth): which attention kernel
   # sdpa runs and cuDNN's gradients vs flash's; then fresh processes alternated: the h200 profile as it was,
   # + sdpa_priority [cudnn], + keep_recomputed_weights, unsloth; 20 steps a run (steps 3..20 timed)
   timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
@@ -162,6 +163,25 @@ elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1 (carry .site-speed, .si
     fi
     echo "$m rc=$? ${SECONDS}s"
   done
+elif [ "${ONLY:-}" = s5b ]; then  # fifth session, call 2 (carry .site-speed, .site-unsloth): where the step with
+  # keep_recomputed_weights spends its time (kernels, GPU idle), and what the Trainer's step costs (the same
+  # model path in the peers' plain loop; the profile's data-loading workers); unsloth beside them
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  for m in profile_keep project_keep project_keep_loop project_keep_workers unsloth; do
+    [ $SECONDS -gt 500 ] && { echo "skipped $m (time)"; continue; }
+    if [ $m = unsloth ]; then
+      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
+        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    else
+      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
+    fi
+    echo "$m rc=$? ${SECONDS}s"
+  done
+  python3 -c "import json; [print(json.dumps({k: r['profile'][k] for k in ('window_ms','busy_ms','idle_ms','total_ms')}), \
+*[f\"{t['ms']:9.2f} {t['calls']:6d} {t['name']}\" for t in r['profile']['top'][:40]], sep='\n') for r in map(json.loads, open('$R')) \
+if r.get('mode') == 'profile_keep' and 'profile' in r]"
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

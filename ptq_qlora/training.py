@@ -78,38 +78,6 @@ def attention_for_packed_rows(model, implementation: str | None):
         base.set_attn_implementation(before)
 
 
-SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
-
-
-def sdpa_order(names: list | None) -> list[str] | None:
-    """`hardware.sdpa_priority` completed with the other backends in torch's order (none is disabled);
-    None when unset. An unknown name fails here, before any loading or training."""
-    if not names:
-        return None
-    unknown = [n for n in names if n not in SDPA_BACKENDS]
-    if unknown:
-        raise ValueError(f"hardware.sdpa_priority: unknown backend(s) {unknown}; choose from {list(SDPA_BACKENDS)}")
-    return list(dict.fromkeys([*map(str, names), *SDPA_BACKENDS]))
-
-
-@contextlib.contextmanager
-def sdpa_preference(names: list | None):
-    """Within the block sdpa tries its CUDA backends in `sdpa_order(names)`; torch's order is restored
-    after. The setting is process-wide, so the backward (on autograd's thread) and a checkpoint's
-    recomputation see it too."""
-    order = sdpa_order(names)
-    if order is None:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    by_name = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    log.info("sdpa backends while training, in this order: %s", order)
-    with sdpa_kernel([by_name[n] for n in order], set_priority=True):
-        yield
-
-
 def speed_option(hardware, name: str, default=False):
     """A profile's speed option; profiles written before it existed (and plain namespaces) say `default`."""
     getter = getattr(hardware, "get", None)
@@ -280,7 +248,6 @@ def train_causal_lm(model, tokenizer, train_rows: "Dataset", model_cfg, train_cf
 def _prepare_launch(model, hardware) -> bool:
     """Check the launch against the profile and forget a previous Trainer's FSDP; True for a PEFT model."""
     distributed.check_world_size(hardware)
-    sdpa_order(speed_option(hardware, "sdpa_priority", None))
     peft = hasattr(model, "peft_config")
     if distributed.strategy_for(hardware, peft=peft) != "fsdp":
         # Accelerate sets ACCELERATE_USE_FSDP=true for the rest of the process once a Trainer hands
@@ -348,8 +315,7 @@ def train_tokenized(
         log.warning("packed_attention=flex_attention: torch has no flex backward on CPU; packed rows keep %s",
                     hardware.attn_implementation)
         packed_attention = None
-    with completion_positions_only(), attention_for_packed_rows(model, packed_attention), \
-            sdpa_preference(speed_option(hardware, "sdpa_priority", None)):
+    with completion_positions_only(), attention_for_packed_rows(model, packed_attention):
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
     if save_dir is not None:

@@ -198,34 +198,6 @@ def test_collator_pads_to_fixed_width_unless_a_row_is_longer():
     assert PackedRowsCollator(PAD, width=2)(rows)["input_ids"].shape == (1, 3)
 
 
-def test_sdpa_priority_is_a_process_wide_preference_restored_after_training():
-    """hardware.sdpa_priority: inside the block every thread (autograd's backward runs on its own on a GPU)
-    sees the order, with no backend disabled; torch's order comes back after, also after an error; an
-    unknown name fails before anything is loaded."""
-    import threading
-
-    from torch.nn.attention import SDPBackend
-
-    before = torch._C._get_sdp_priority_order()
-    seen = []
-    with pytest.raises(RuntimeError, match="stop"):
-        with training.sdpa_preference(["cudnn"]):
-            worker = threading.Thread(target=lambda: seen.append(torch._C._get_sdp_priority_order()))
-            worker.start()
-            worker.join()
-            enabled = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-                       torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()]
-            raise RuntimeError("stop")
-    assert seen[0][0] == int(SDPBackend.CUDNN_ATTENTION) and seen[0][1] == int(SDPBackend.FLASH_ATTENTION)
-    assert all(enabled)
-    assert torch._C._get_sdp_priority_order() == before
-    assert training.sdpa_order(None) is None
-    assert training.sdpa_order(["efficient"]) == ["efficient", "cudnn", "flash", "math"]
-    hw = SimpleNamespace(num_processes=1, sdpa_priority=["cudnn", "fa3"], distributed="none", qlora_distributed="none")
-    with pytest.raises(ValueError, match="fa3"):
-        training._prepare_launch(_lora_model("sdpa"), hw)
-
-
 def test_packed_attention_is_set_for_training_and_restored():
     from transformers import AutoModelForCausalLM
 

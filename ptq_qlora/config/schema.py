@@ -46,10 +46,6 @@ class HardwareConfig:
     # fused_lora under activation_offload: the base weights dequantized while a layer is recomputed serve
     # that layer's backward (one dequantization fewer per layer and step; one layer's 16-bit weights more)
     keep_recomputed_weights: bool = False
-    # training's attention backends in order of preference for sdpa (None: torch's order, flash first);
-    # names: cudnn, flash, efficient, math. A preference, not a restriction: a shape the first cannot
-    # serve takes the next. cuDNN's kernels are faster on Hopper (benchmarks/RESULTS.md, fifth session)
-    sdpa_priority: Optional[list] = None
     # AdamW as one fused CUDA kernel (transformers' adamw_torch_fused) when the step's optim is adamw_torch
     fused_optimizer: bool = False
     # QLoRA, experimental (not measured yet, off in every profile): each decoder layer through torch.compile

@@ -75,10 +75,6 @@ def _arithmetic_options(cfg, step: str, base_method: str | None = None) -> dict:
         # a CPU profile trains packed rows with sdpa whatever it names (refused, warned): not in its lineage
         if cfg.hardware.get("packed_attention") and packed_attention_usable(cfg.hardware):
             on["packed_attention"] = cfg.hardware.packed_attention
-    if cfg.hardware.get("sdpa_priority"):  # another attention kernel: other rounding, in SFT and QLoRA alike
-        from ptq_qlora.training import sdpa_order
-
-        on["sdpa_priority"] = sdpa_order(cfg.hardware.sdpa_priority)
     return {"arithmetic": on} if on else {}
 
 
