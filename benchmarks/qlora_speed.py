@@ -815,6 +815,9 @@ MODES = {
     "project_compiled": lambda a: run_project(a, {"compile_layers": True}, "fixed"),
     "project_keep": lambda a: run_project(a, {"keep_recomputed_weights": True}, "fixed"),
     "project_keep_loop": lambda a: run_project_in_plain_loop(a, {"keep_recomputed_weights": True}),
+    "project_modelloss": lambda a: run_project(a, {"model_loss": True}, "fixed"),
+    "project_gptq_modelloss": lambda a: run_project(a, {"model_loss": True}, "fixed", base="gptq"),
+    "real_modelloss": lambda a: run_project(a, {"model_loss": True}, "real"),
     # the h200 profile's own 4 data-loading workers (the other modes collate in the training process)
     "project_keep_workers": lambda a: run_project(a, {"keep_recomputed_weights": True, "dataloader_workers": 4}, "fixed"),
     "gen": run_gen,
@@ -896,6 +899,8 @@ def table(args) -> None:
              "project_keep": "project, h200 profile + keep_recomputed_weights",
              "project_keep_loop": "project's model path (+ keep_recomputed_weights) in the peers' plain loop",
              "project_keep_workers": "project + keep_recomputed_weights, the profile's 4 data-loading workers",
+             "project_modelloss": "project, h200 profile + model_loss",
+             "real_modelloss": "project, h200 profile + model_loss, real-data rows (effective tok/s)",
              # fifth session call 1: an option since removed (torch already ran cuDNN's attention)
              "project_cudnn": "project, h200 profile + sdpa_priority [cudnn] (no effect: cuDNN already)",
              "project_cudnn_keep": "project, h200 profile + sdpa_priority [cudnn] + keep_recomputed_weights",
@@ -916,7 +921,8 @@ def table(args) -> None:
               f"| {label} | {tok:,.0f} | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | - | {tok / unsloth:.2f} |")
     gptq_rows = {"hf_gptq": "stock HF over GPTQ (peft GPTQ LoRA, gptqmodel auto_trainable)",
                  "project_gptq_plain": "project over GPTQ, h200 profile, gptq_dequant_matmul off",
-                 "project_gptq": "project over GPTQ, h200 profile (gptq_dequant_matmul)"}
+                 "project_gptq": "project over GPTQ, h200 profile (gptq_dequant_matmul)",
+                 "project_gptq_modelloss": "project over GPTQ, h200 profile + model_loss"}
     bnb, stock_gptq = modes.get("project"), modes.get("hf_gptq")
     if any(m in modes for m in gptq_rows):
         print("\n| over GPTQ | tok/s | step s | peak GiB | x stock HF over GPTQ | tok/s, memory x project over NF4 |")
@@ -931,11 +937,13 @@ def table(args) -> None:
     for mode, label in (("real_before", "real-data mix, padded + group_by_length (before)"),
                         ("real", "real-data mix, h200 profile (packed, padding-free)"),
                         ("real_flex", "real-data mix, h200 profile, flex attention (experiment)"),
+                        ("real_modelloss", "real-data mix, h200 profile + model_loss"),
                         ("sft1b_before", "full SFT 1.1B shape, real mix, speed options off"),
                         ("sft1b", "full SFT 1.1B shape, real mix, h200 profile")):
         r = modes.get(mode)
         if r:
-            ratio = f"{r['tok_s'] / fixed:.2f} of fixed-shape" if fixed and not mode.startswith("sft") else ""
+            base = modes.get("project_modelloss", {}).get("tok_s") if mode == "real_modelloss" else fixed
+            ratio = f"{r['tok_s'] / base:.2f} of fixed-shape" if base and not mode.startswith("sft") else ""
             print(f"| {label} | {r['tok_s']:,.0f} effective | {r['median_step_s']:.3f} | {r['peak_gib']:.2f} | "
                   f"{ratio} | {r['tokens_per_step_mean']:,.0f} non-pad tokens/step |")
     g = modes.get("gen")

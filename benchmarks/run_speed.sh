@@ -182,6 +182,24 @@ elif [ "${ONLY:-}" = s5b ]; then  # fifth session, call 2 (carry .site-speed, .s
   python3 -c "import json; [print(json.dumps({k: r['profile'][k] for k in ('window_ms','busy_ms','idle_ms','total_ms')}), \
 *[f\"{t['ms']:9.2f} {t['calls']:6d} {t['name']}\" for t in r['profile']['top'][:40]], sep='\n') for r in map(json.loads, open('$R')) \
 if r.get('mode') == 'profile_keep' and 'profile' in r]"
+elif [ "${ONLY:-}" = s5c ]; then  # fifth session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): model_loss
+  # (the model's own Liger fused loss instead of TRL's head and its per-step metric syncs) beside the profile without
+  # it and unsloth, alternated in fresh processes, 20 steps (3..20 timed); then over GPTQ and on real-data rows
+  use_gptq_site
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  for m in project_keep project_modelloss unsloth project_modelloss unsloth project_keep project_gptq_modelloss \
+           real_modelloss; do
+    [ $SECONDS -gt 500 ] && { echo "skipped $m (time)"; continue; }
+    if [ $m = unsloth ]; then
+      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
+        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    else
+      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
+    fi
+    echo "$m rc=$? ${SECONDS}s"
+  done
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

@@ -245,6 +245,25 @@ def train_causal_lm(model, tokenizer, train_rows: "Dataset", model_cfg, train_cf
     return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, **options)
 
 
+def _model_loss_trainer(model, arguments: dict, hardware, peft: bool):
+    """`model_loss`: the Trainer class that trains on the model's own loss (ptq_qlora/model_loss.py), with
+    Liger's kernels applied here when the profile uses them (not through `arguments`); under FSDP,
+    TRL's loss (Liger's fused loss would read the sharded LM head)."""
+    if distributed.strategy_for(hardware, peft=peft) == "fsdp":
+        log.warning("hardware.model_loss is not used under FSDP: TRL's loss")
+        from trl import SFTTrainer
+
+        return SFTTrainer
+    from ptq_qlora.model_loss import apply_liger_with_fused_loss, model_loss_trainer_class
+
+    if arguments.get("use_liger_kernel"):
+        apply_liger_with_fused_loss(model)
+        arguments["use_liger_kernel"] = False
+    elif hardware.device == "cuda":
+        log.warning("hardware.model_loss without Liger: the loss materializes the full logits")
+    return model_loss_trainer_class()
+
+
 def _prepare_launch(model, hardware) -> bool:
     """Check the launch against the profile and forget a previous Trainer's FSDP; True for a PEFT model."""
     distributed.check_world_size(hardware)
@@ -297,13 +316,16 @@ def train_tokenized(
     ckpt_dir = out_dir / "checkpoints"
     arguments = trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name,
                                   peft=peft)
+    trainer_class = SFTTrainer
+    if speed_option(hardware, "model_loss"):
+        trainer_class = _model_loss_trainer(model, arguments, hardware, peft)
     args = SFTConfig(**arguments, completion_only_loss=True, max_length=max_length)
     callbacks = list(callbacks or [])
     if activation_offload_applies(arguments, hardware):
         from ptq_qlora.activation_offload import offload_callback
 
         callbacks.append(offload_callback())  # after the Trainer enables checkpointing in train()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                          data_collator=collator, callbacks=callbacks)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     if resume:

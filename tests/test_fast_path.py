@@ -13,12 +13,13 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ptq_qlora import training
 from ptq_qlora.models.tiny import TINY_DEFAULTS
 from ptq_qlora.packing import PackedRowsCollator, best_fit_bins, pack_dataset
+from ptq_qlora.quantizers.testing import relative_gradient_error
 
 VOCAB, PAD = 259, 258
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -227,3 +228,45 @@ def test_flex_attention_keeps_packed_examples_apart():
     packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(20), torch.arange(12)])[None],
                    use_cache=False).logits
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+
+class LoggedKeys(TrainerCallback):
+    def __init__(self):
+        self.keys = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.keys |= set(logs or {})
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_model_loss_trains_on_the_same_loss_as_trls_head(tmp_path, padding_free):
+    """hardware.model_loss: the Trainer's loss is the model's own instead of TRL's fused LM head: the same
+    loss curve (completion tokens only, padded or packed rows, float32, CPU) and the same trained LoRA
+    weights, without TRL's per-step entropy/accuracy metrics (their .item() calls stall a GPU)."""
+    from ptq_qlora.models.tiny import byte_level_tokenizer
+
+    rows = _rows(n=12, seed=7)
+    ds = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": [int(t != -100) for t in r["labels"]],
+                             "length": len(r["input_ids"])} for r in rows])
+    train_cfg = dict(lr=1e-2, scheduler="constant", epochs=1, max_steps=3, warmup=0, weight_decay=0.0,
+                     max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_steps=1000, save_total_limit=1,
+                     group_by_length=False)
+    results = {}
+    for model_loss in (False, True):
+        hw = SimpleNamespace(name="cpu", device="cpu", dtype="float32", train_dtype="float32", train_batch_size=4,
+                             grad_accum=1, dataloader_workers=0, gradient_checkpointing=False,
+                             padding_free=padding_free, pack_length=96, num_processes=1, attn_implementation="sdpa",
+                             model_loss=model_loss)
+        model = _lora_model("sdpa")
+        logged = LoggedKeys()
+        metrics = training.train_tokenized(model, byte_level_tokenizer(), ds, train_cfg, hw,
+                                           tmp_path / str(model_loss), seed=0, max_length=64, callbacks=[logged])
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[model_loss] = metrics["loss_curve"], lora
+        assert ("entropy" in logged.keys) != model_loss and ("mean_token_accuracy" in logged.keys) != model_loss
+    (trl_curve, trl_lora), (own_curve, own_lora) = results[False], results[True]
+    assert len(own_curve) == len(trl_curve) == 3
+    for ours, theirs in zip(own_curve, trl_curve):
+        assert abs(ours - theirs) <= 1e-4 * abs(theirs), (own_curve, trl_curve)
+    total, _ = relative_gradient_error(own_lora, trl_lora)  # the weights after 3 AdamW steps
+    assert total < 1e-4, total

@@ -48,6 +48,9 @@ class HardwareConfig:
     keep_recomputed_weights: bool = False
     # AdamW as one fused CUDA kernel (transformers' adamw_torch_fused) when the step's optim is adamw_torch
     fused_optimizer: bool = False
+    # the training loss is the model's own (with Liger: its fused linear cross-entropy) instead of TRL's fused
+    # LM head, whose per-step entropy/accuracy metrics stall the GPU (ptq_qlora/model_loss.py; not under FSDP)
+    model_loss: bool = False
     # QLoRA, experimental (not measured yet, off in every profile): each decoder layer through torch.compile
     # around the fused LoRA functions (unsloth compiles its blocks); the first step pays the compilation
     compile_layers: bool = False

@@ -49,8 +49,8 @@ def train_settings(cfg, step: str) -> dict:
 # Hardware speed options that change what training computes (batch composition, rounding): in the
 # lineage only when on, so runs without them keep the lineage they had before the options existed.
 # The QLoRA-only ones act on LoRA over a 4-bit base.
-_ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel", "fused_optimizer"),
-                       "qlora": ("padding_free", "use_liger_kernel", "fused_optimizer", "frozen_in_compute_dtype",
+_ARITHMETIC_OPTIONS = {"sft": ("padding_free", "use_liger_kernel", "fused_optimizer", "model_loss"),
+                       "qlora": ("padding_free", "use_liger_kernel", "fused_optimizer", "model_loss", "frozen_in_compute_dtype",
                                  "dequantize_frozen_base", "gptq_dequant_matmul", "fused_lora",
                                  "compile_layers")}
 
