@@ -382,7 +382,8 @@ def plain_training_loop(model, args, device) -> dict:
 
 
 def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: bool = False,
-                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None) -> dict:
+                base: str = "nf4", attention: str | None = None, extra_callbacks: list | None = None,
+                logging_steps: int = 1) -> dict:
     """The QLoRA stage's code path (or the SFT stage's with `sft`) on fixed or real-length rows;
     `base`: the nf4 or gptq checkpoint made by `make`; `attention`: another attention implementation
     (an experiment: the stage uses sdpa)."""
@@ -417,7 +418,7 @@ def run_project(args, overrides: dict, data: str, hardware: str = "h200", sft: b
     else:
         rows = fixed_rows(hw.train_batch_size * steps, args.seq, vocab)
     train_cfg = {"lr": 1e-4, "scheduler": "constant", "epochs": 1, "max_steps": steps, "warmup": 0,
-                 "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "logging_steps": 1,
+                 "weight_decay": 0.0, "max_grad_norm": 1.0, "optim": "adamw_torch", "logging_steps": logging_steps,
                  "save_steps": 100_000, "save_total_limit": 1, "group_by_length": data == "real"}
     clock, callback = trainer_clock()
     clock.mark(0)
@@ -816,6 +817,8 @@ MODES = {
     "project_keep": lambda a: run_project(a, {"keep_recomputed_weights": True}, "fixed"),
     "project_keep_loop": lambda a: run_project_in_plain_loop(a, {"keep_recomputed_weights": True}),
     "project_modelloss": lambda a: run_project(a, {"model_loss": True}, "fixed"),
+    # the stage's own logging interval (TrainConfig.logging_steps = 5; the other modes log every step)
+    "project_modelloss_log5": lambda a: run_project(a, {"model_loss": True}, "fixed", logging_steps=5),
     "project_gptq_modelloss": lambda a: run_project(a, {"model_loss": True}, "fixed", base="gptq"),
     "real_modelloss": lambda a: run_project(a, {"model_loss": True}, "real"),
     # the h200 profile's own 4 data-loading workers (the other modes collate in the training process)
@@ -900,6 +903,7 @@ def table(args) -> None:
              "project_keep_loop": "project's model path (+ keep_recomputed_weights) in the peers' plain loop",
              "project_keep_workers": "project + keep_recomputed_weights, the profile's 4 data-loading workers",
              "project_modelloss": "project, h200 profile + model_loss",
+             "project_modelloss_log5": "project, h200 profile + model_loss, logging every 5 steps (the stage's default)",
              "real_modelloss": "project, h200 profile + model_loss, real-data rows (effective tok/s)",
              # fifth session call 1: an option since removed (torch already ran cuDNN's attention)
              "project_cudnn": "project, h200 profile + sdpa_priority [cudnn] (no effect: cuDNN already)",

@@ -200,6 +200,21 @@ elif [ "${ONLY:-}" = s5c ]; then  # fifth session, call 3 (carry .site-speed, .s
     fi
     echo "$m rc=$? ${SECONDS}s"
   done
+elif [ "${ONLY:-}" = s5d ]; then  # fifth session, call 4 (carry .site-speed, .site-unsloth; ~5 min of device time
+  # left): model_loss at the stage's own logging interval (5 steps; the benchmark logged every step) beside unsloth
+  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  for m in project_modelloss_log5 unsloth project_modelloss_log5; do
+    [ $SECONDS -gt 230 ] && { echo "skipped $m (time)"; continue; }
+    if [ $m = unsloth ]; then
+      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
+        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    else
+      timeout 80 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
+    fi
+    echo "$m rc=$? ${SECONDS}s"
+  done
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
