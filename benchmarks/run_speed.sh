@@ -31,6 +31,20 @@ install_unsloth_site() {  # unsloth runs in its own process on the image's trans
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
     .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
 }
+run_fresh() {  # run_fresh LIMIT_S MODE...: each mode in its own fresh process, 20 steps (3..20 timed); unsloth is
+  # benchmarks/unsloth_peer.py; a mode is skipped once the call has run LIMIT_S seconds
+  local limit=$1 m; shift
+  for m in "$@"; do
+    [ $SECONDS -gt "$limit" ] && { echo "skipped $m (time)"; continue; }
+    if [ "$m" = unsloth ]; then
+      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
+        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
+    else
+      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes "$m" --out "$R" >> "$OUT/log.txt" 2>&1
+    fi
+    echo "$m rc=$? ${SECONDS}s"
+  done
+}
 if [ "${ONLY:-}" = recheck ]; then  # the second call: fixed-width packed batches, check with its noise floor
   timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
@@ -153,32 +167,14 @@ elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1, at commit 1a21bf7 (pro
   install_unsloth_site
   timeout 90 $S run --dir $B/llama2 --arch llama2 --modes sdpa_check --out "$R" > "$OUT/log_check.txt" 2>&1
   echo "sdpa_check rc=$? ${SECONDS}s"
-  for m in project project_cudnn project_cudnn_keep unsloth project_cudnn_keep unsloth project; do
-    [ $SECONDS -gt 520 ] && { echo "skipped $m (time)"; continue; }
-    if [ $m = unsloth ]; then
-      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
-        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
-    else
-      timeout 90 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
-    fi
-    echo "$m rc=$? ${SECONDS}s"
-  done
+  run_fresh 520 project project_cudnn project_cudnn_keep unsloth project_cudnn_keep unsloth project
 elif [ "${ONLY:-}" = s5b ]; then  # fifth session, call 2 (carry .site-speed, .site-unsloth): where the step with
   # keep_recomputed_weights spends its time (kernels, GPU idle), and what the Trainer's step costs (the same
   # model path in the peers' plain loop; the profile's data-loading workers); unsloth beside them
   timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
   install_unsloth_site
-  for m in profile_keep project_keep project_keep_loop project_keep_workers unsloth; do
-    [ $SECONDS -gt 500 ] && { echo "skipped $m (time)"; continue; }
-    if [ $m = unsloth ]; then
-      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
-        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
-    else
-      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
-    fi
-    echo "$m rc=$? ${SECONDS}s"
-  done
+  run_fresh 500 profile_keep project_keep project_keep_loop project_keep_workers unsloth
   python3 -c "import json; [print(json.dumps({k: r['profile'][k] for k in ('window_ms','busy_ms','idle_ms','total_ms')}), \
 *[f\"{t['ms']:9.2f} {t['calls']:6d} {t['name']}\" for t in r['profile']['top'][:40]], sep='\n') for r in map(json.loads, open('$R')) \
 if r.get('mode') == 'profile_keep' and 'profile' in r]"
@@ -189,32 +185,13 @@ elif [ "${ONLY:-}" = s5c ]; then  # fifth session, call 3 (carry .site-speed, .s
   timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
   install_unsloth_site
-  for m in project_keep project_modelloss unsloth project_modelloss unsloth project_keep project_gptq_modelloss \
-           real_modelloss; do
-    [ $SECONDS -gt 500 ] && { echo "skipped $m (time)"; continue; }
-    if [ $m = unsloth ]; then
-      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
-        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
-    else
-      timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
-    fi
-    echo "$m rc=$? ${SECONDS}s"
-  done
+  run_fresh 500 project_keep project_modelloss unsloth project_modelloss unsloth project_keep project_gptq_modelloss real_modelloss
 elif [ "${ONLY:-}" = s5d ]; then  # fifth session, call 4 (carry .site-speed, .site-unsloth; ~5 min of device time
   # left): model_loss at the stage's own logging interval (5 steps; the benchmark logged every step) beside unsloth
   timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
   install_unsloth_site
-  for m in project_modelloss_log5 unsloth project_modelloss_log5; do
-    [ $SECONDS -gt 230 ] && { echo "skipped $m (time)"; continue; }
-    if [ $m = unsloth ]; then
-      env PYTHONPATH=/tmp/site-unsloth:$PWD timeout 120 python3 benchmarks/unsloth_peer.py --steps 20 --dir $B/llama2 \
-        --out "$R" >> "$OUT/log_unsloth.txt" 2>&1
-    else
-      timeout 80 $S run --dir $B/llama2 --arch llama2 --steps 20 --modes $m --out "$R" >> "$OUT/log.txt" 2>&1
-    fi
-    echo "$m rc=$? ${SECONDS}s"
-  done
+  run_fresh 230 project_modelloss_log5 unsloth project_modelloss_log5
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
