@@ -821,6 +821,10 @@ MODES = {
     "project_modelloss_log5": lambda a: run_project(a, {"model_loss": True}, "fixed", logging_steps=5),
     "project_gptq_modelloss": lambda a: run_project(a, {"model_loss": True}, "fixed", base="gptq"),
     "real_modelloss": lambda a: run_project(a, {"model_loss": True}, "real"),
+    # the Trainer's host syncs moved to the step's end (+ model_loss: TRL's per-step metric syncs gone too)
+    "project_deferred": lambda a: run_project(a, {"deferred_step_syncs": True}, "fixed"),
+    "project_lean": lambda a: run_project(a, {"deferred_step_syncs": True, "model_loss": True}, "fixed"),
+    "profile_lean": lambda a: run_profile(a, {"deferred_step_syncs": True, "model_loss": True}),
     # the h200 profile's own 4 data-loading workers (the other modes collate in the training process)
     "project_keep_workers": lambda a: run_project(a, {"keep_recomputed_weights": True, "dataloader_workers": 4}, "fixed"),
     "gen": run_gen,
@@ -903,6 +907,8 @@ def table(args) -> None:
              "project_keep_loop": "project's model path (+ keep_recomputed_weights) in the peers' plain loop",
              "project_keep_workers": "project + keep_recomputed_weights, the profile's 4 data-loading workers",
              "project_modelloss": "project, h200 profile + model_loss",
+             "project_deferred": "project, h200 profile + deferred_step_syncs",
+             "project_lean": "project, h200 profile + deferred_step_syncs + model_loss",
              "project_modelloss_log5": "project, h200 profile + model_loss, logging every 5 steps (the stage's default)",
              "real_modelloss": "project, h200 profile + model_loss, real-data rows (effective tok/s)",
              # fifth session call 1: an option since removed (torch already ran cuDNN's attention)

@@ -192,6 +192,13 @@ elif [ "${ONLY:-}" = s5d ]; then  # fifth session, call 4 (carry .site-speed, .s
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 230 project_modelloss_log5 unsloth project_modelloss_log5
+elif [ "${ONLY:-}" = s6 ]; then  # prepared in the fifth session, not run yet (carry .site-speed, .site-unsloth):
+  # the Trainer's host syncs deferred to the step's end, alone and with model_loss, beside the profile and unsloth,
+  # alternated in fresh processes; then the GPU idle time of the lean step (profile_lean)
+  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  run_fresh 480 project project_lean unsloth project_deferred project_lean unsloth project profile_lean
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

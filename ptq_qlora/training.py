@@ -156,6 +156,8 @@ def trainer_arguments(train_cfg: dict, hardware, output_dir: str | Path, seed: i
         data_seed=seed,
         report_to=report_to,
         include_num_input_tokens_seen="non_padding",
+        # its per-step torch.isnan(loss) is a host sync; off, a NaN loss shows in the logs (ptq_qlora/sft_trainer.py)
+        logging_nan_inf_filter=not speed_option(hardware, "deferred_step_syncs"),
         disable_tqdm=not distributed.is_main_process(),
         use_liger_kernel=_liger_available(hardware),
         **precision_flags(hardware.dtype, hardware.device),
@@ -245,23 +247,23 @@ def train_causal_lm(model, tokenizer, train_rows: "Dataset", model_cfg, train_cf
     return train_tokenized(model, tokenizer, train_ds, train_cfg, hardware, out_dir, seed, **options)
 
 
-def _model_loss_trainer(model, arguments: dict, hardware, peft: bool):
-    """`model_loss`: the Trainer class that trains on the model's own loss (ptq_qlora/model_loss.py), with
-    Liger's kernels applied here when the profile uses them (not through `arguments`); under FSDP,
-    TRL's loss (Liger's fused loss would read the sharded LM head)."""
+def _uses_model_loss(model, arguments: dict, hardware, peft: bool) -> bool:
+    """`model_loss` acts on this run (ptq_qlora/sft_trainer.py); Liger's kernels are then applied here,
+    its fused loss included, instead of through `arguments`. Not under FSDP (Liger's fused loss would
+    read the sharded LM head): TRL's loss there."""
+    if not speed_option(hardware, "model_loss"):
+        return False
     if distributed.strategy_for(hardware, peft=peft) == "fsdp":
         log.warning("hardware.model_loss is not used under FSDP: TRL's loss")
-        from trl import SFTTrainer
-
-        return SFTTrainer
-    from ptq_qlora.model_loss import apply_liger_with_fused_loss, model_loss_trainer_class
-
+        return False
     if arguments.get("use_liger_kernel"):
+        from ptq_qlora.sft_trainer import apply_liger_with_fused_loss
+
         apply_liger_with_fused_loss(model)
         arguments["use_liger_kernel"] = False
     elif hardware.device == "cuda":
         log.warning("hardware.model_loss without Liger: the loss materializes the full logits")
-    return model_loss_trainer_class()
+    return True
 
 
 def _prepare_launch(model, hardware) -> bool:
@@ -294,7 +296,9 @@ def train_tokenized(
     """`train_causal_lm` after tokenization: rows of `input_ids` + `completion_mask` (+ `length`).
     `callbacks`: extra TrainerCallbacks (benchmarks/qlora_speed.py times steps with one)."""
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from ptq_qlora.sft_trainer import configure_trainer, project_trainer_class
 
     peft = _prepare_launch(model, hardware)
     examples = len(train_ds)
@@ -316,17 +320,16 @@ def train_tokenized(
     ckpt_dir = out_dir / "checkpoints"
     arguments = trainer_arguments(train_cfg, hardware, ckpt_dir, seed, report_to=report_to, run_name=run_name,
                                   peft=peft)
-    trainer_class = SFTTrainer
-    if speed_option(hardware, "model_loss"):
-        trainer_class = _model_loss_trainer(model, arguments, hardware, peft)
+    model_loss = _uses_model_loss(model, arguments, hardware, peft)
     args = SFTConfig(**arguments, completion_only_loss=True, max_length=max_length)
     callbacks = list(callbacks or [])
     if activation_offload_applies(arguments, hardware):
         from ptq_qlora.activation_offload import offload_callback
 
         callbacks.append(offload_callback())  # after the Trainer enables checkpointing in train()
-    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         data_collator=collator, callbacks=callbacks)
+    trainer = project_trainer_class()(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                                      data_collator=collator, callbacks=callbacks)
+    configure_trainer(trainer, model_loss=model_loss, defer_syncs=bool(speed_option(hardware, "deferred_step_syncs")))
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     if resume:
         log.info("resuming training from %s", resume)

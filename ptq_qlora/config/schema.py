@@ -49,8 +49,11 @@ class HardwareConfig:
     # AdamW as one fused CUDA kernel (transformers' adamw_torch_fused) when the step's optim is adamw_torch
     fused_optimizer: bool = False
     # the training loss is the model's own (with Liger: its fused linear cross-entropy) instead of TRL's fused
-    # LM head, whose per-step entropy/accuracy metrics stall the GPU (ptq_qlora/model_loss.py; not under FSDP)
+    # LM head, whose per-step entropy/accuracy metrics stall the GPU (ptq_qlora/sft_trainer.py; not under FSDP)
     model_loss: bool = False
+    # the Trainer's per-step host syncs (token count, NaN filter of the logged loss) moved to the step's end, so
+    # the host queues clipping and the optimizer step while the GPU still runs the backward (sft_trainer.py)
+    deferred_step_syncs: bool = False
     # QLoRA, experimental (not measured yet, off in every profile): each decoder layer through torch.compile
     # around the fused LoRA functions (unsloth compiles its blocks); the first step pays the compilation
     compile_layers: bool = False
