@@ -73,10 +73,13 @@ def project_trainer_class():
             import torch
 
             # transformers' "non_padding" count, kept on the device (no .item() here)
+            pad_id = getattr(self.processing_class, "pad_token_id", None)
             if "attention_mask" in inputs:
                 count = inputs["attention_mask"].sum()
-            else:
-                count = (inputs["input_ids"] != self.processing_class.pad_token_id).sum()
+            elif pad_id is not None:
+                count = (inputs["input_ids"] != pad_id).sum()
+            else:  # as transformers: no way to tell padding, every token counts
+                count = inputs["input_ids"].numel()
             count = self.accelerator.gather(torch.as_tensor(count, device=self.args.device, dtype=torch.int64)).sum()
             self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
 
