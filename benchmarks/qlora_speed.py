@@ -472,23 +472,28 @@ def run_without_sibling_groups(args) -> dict:
         fused_lora.SIBLINGS = siblings
 
 
-def busy_and_idle(events) -> dict:
+def busy_and_idle(events, largest: int = 12) -> dict:
     """From a profile's device kernels: the window's wall time (first kernel start to last kernel end),
-    the time at least one kernel runs (union of intervals over all streams) and the idle rest (launch
-    gaps, host waits), in ms."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+    the time at least one kernel runs (union of intervals over all streams), the idle rest (launch
+    gaps, host waits), in ms, and the `largest` idle gaps: where in the window (ms from its start), how
+    long, and the kernel that ended the wait (at a step boundary: the host's bookkeeping; inside a
+    step: launch-bound stretches)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                    if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA")
                    and e.time_range.end > e.time_range.start)
     if not spans:
         return {}
-    busy, start, end = 0.0, spans[0][0], spans[0][1]
-    for a, b in spans[1:]:
+    busy, start, end, gaps = 0.0, spans[0][0], spans[0][1], []
+    for a, b, name in spans[1:]:
         if a > end:
             busy, start = busy + end - start, a
+            gaps.append((a - end, end - spans[0][0], name))
         end = max(end, b)
     busy += end - start
-    wall = max(b for _, b in spans) - spans[0][0]
-    return {"window_ms": round(wall / 1e3, 2), "busy_ms": round(busy / 1e3, 2), "idle_ms": round((wall - busy) / 1e3, 2)}
+    wall = max(b for _, b, _ in spans) - spans[0][0]
+    return {"window_ms": round(wall / 1e3, 2), "busy_ms": round(busy / 1e3, 2), "idle_ms": round((wall - busy) / 1e3, 2),
+            "largest_gaps": [{"at_ms": round(at / 1e3, 2), "ms": round(length / 1e3, 2), "next_kernel": name[:80]}
+                             for length, at, name in sorted(gaps, reverse=True)[:largest]]}
 
 
 def run_profile(args, overrides: dict | None = None) -> dict:
@@ -1008,6 +1013,11 @@ def table(args) -> None:
             print(f"\nbaseline gptq_time.py ({r['layers']} layers, {r['samples']} x {r['seq']} tokens): "
                   f"{r['quantize_s']} s ({r['per_layer_s']} s/layer, ~{r['est_7b_32layers_min']} min for 32), "
                   f"peak {r['peak_gib']} GiB")
+        if r.get("what") == "mode" and "window_ms" in r.get("profile", {}):  # run_profile on a GPU
+            p = r["profile"]
+            print(f"\n{r['mode']}: {p['steps']} steps profiled, {p['window_ms']:.0f} ms, kernels {p['busy_ms']:.0f} ms, "
+                  f"GPU idle {p['idle_ms']:.0f} ms; largest gaps (ms into the window: ms, the kernel after): "
+                  + ", ".join(f"{g['at_ms']:.0f}: {g['ms']:.1f} {g['next_kernel'][:40]}" for g in p.get("largest_gaps", [])))
     if leftovers:
         print("\npeak GiB above what earlier modes left allocated: " + ", ".join(leftovers))
     for r in records:

@@ -175,9 +175,8 @@ elif [ "${ONLY:-}" = s5b ]; then  # fifth session, call 2 (carry .site-speed, .s
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 500 profile_keep project_keep project_keep_loop project_keep_workers unsloth
-  python3 -c "import json; [print(json.dumps({k: r['profile'][k] for k in ('window_ms','busy_ms','idle_ms','total_ms')}), \
-*[f\"{t['ms']:9.2f} {t['calls']:6d} {t['name']}\" for t in r['profile']['top'][:40]], sep='\n') for r in map(json.loads, open('$R')) \
-if r.get('mode') == 'profile_keep' and 'profile' in r]"
+  # (this call printed profile_keep's summary and 40 largest kernels with a one-off python -c; `table` below now
+  # prints the summary, and results.jsonl holds the kernels)
 elif [ "${ONLY:-}" = s5c ]; then  # fifth session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): model_loss
   # (the model's own Liger fused loss instead of TRL's head and its per-step metric syncs) beside the profile without
   # it and unsloth, alternated in fresh processes, 20 steps (3..20 timed); then over GPTQ and on real-data rows
