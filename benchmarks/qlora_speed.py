@@ -439,15 +439,10 @@ def run_project_in_plain_loop(args, overrides: dict) -> dict:
     weights, Liger, the offloaded checkpoint) trained by the peers' plain loop instead of the stage's
     Trainer: what the Trainer's own step costs (clipping, logging, token counting, its scheduler)."""
     from ptq_qlora.activation_offload import install_offloaded_checkpointing
-    from ptq_qlora.stages.qlora import trainable_quantized_model
-    from ptq_qlora.training import keep_frozen_in_compute_dtype
 
     hw = profile("h200", overrides)
     resident = memory_start()
-    torch.manual_seed(0)
-    model, _ = trainable_quantized_model(qcfg(), Path(args.dir) / "nf4", hw, TARGETS,
-                                         {"r": 16, "alpha": 32, "dropout": 0.0})
-    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    model = load_project_model(args, hw)
     if CUDA:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -579,6 +574,26 @@ def run_gen(args) -> dict:
     return result
 
 
+def rel(grads: dict, reference: dict) -> float:
+    """||g - g_ref|| / ||g_ref|| over all LoRA gradients (the project's relative_gradient_error)."""
+    from ptq_qlora.quantizers.testing import relative_gradient_error
+
+    return relative_gradient_error(grads, reference)[0]
+
+
+def load_project_model(args, hw):
+    """The QLoRA stage's model over the `make` NF4 checkpoint with `hw`'s options, LoRA r16 on TARGETS,
+    frozen weights in bf16 (as train_tokenized leaves them)."""
+    from ptq_qlora.stages.qlora import trainable_quantized_model
+    from ptq_qlora.training import keep_frozen_in_compute_dtype
+
+    torch.manual_seed(0)
+    model, _ = trainable_quantized_model(qcfg(), Path(args.dir) / "nf4", hw, TARGETS,
+                                         {"r": 16, "alpha": 32, "dropout": 0.0})
+    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    return model
+
+
 def randomize_lora_b(model, seed: int = 1, scale: float = 0.01) -> None:
     """LoRA B starts at zero, which would make every lora_A gradient zero: give it random values."""
     gen = torch.Generator().manual_seed(seed)
@@ -622,9 +637,6 @@ def run_check(args) -> dict:
             loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
         loss.backward()
         return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def rel(a, b):
-        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
 
     steps = {"plain": loss_and_grads(padded)}  # peft's fp32 frozen weights, padded batch, no Liger
     # the noise floor of bf16 arithmetic: the same rows in reverse order, padded wider (same math)
@@ -706,9 +718,6 @@ def run_gptq_check(args) -> dict:
         loss.backward()
         return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def rel(a, b):
-        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
-
     steps = {"stock": loss_and_grads(ids), "stock_reversed_batch": loss_and_grads(ids.flip(0))}
     patched = use_frozen_dequant_matmul(model)
     memory_start()
@@ -757,15 +766,9 @@ def run_sdpa_check(args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from ptq_qlora.stages.qlora import trainable_quantized_model
-    from ptq_qlora.training import keep_frozen_in_compute_dtype
-
     hw = profile("h200", {})
     resident = memory_start()
-    torch.manual_seed(0)
-    model, _ = trainable_quantized_model(qcfg(), Path(args.dir) / "nf4", hw, TARGETS,
-                                         {"r": 16, "alpha": 32, "dropout": 0.0})
-    keep_frozen_in_compute_dtype(model, torch.bfloat16)
+    model = load_project_model(args, hw)
     randomize_lora_b(model)
     model.train()
     ids = torch.tensor([r["input_ids"] for r in fixed_rows(4, args.seq, min(model.config.vocab_size, 32000), seed=7)],
@@ -781,9 +784,6 @@ def run_sdpa_check(args) -> dict:
         names = sorted({e.key[:80] for e in prof.key_averages()
                         if any(w in e.key.lower() for w in ("flash", "cudnn", "fmha", "sdpa", "attention"))})
         return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}, names
-
-    def rel(a, b):
-        return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt() / sum((b[k] ** 2).sum() for k in b).sqrt())
 
     steps = {"torch_order": loss_and_grads(None), "torch_order_again": loss_and_grads(None),
              "flash_forced": loss_and_grads([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])}

@@ -20,11 +20,13 @@ loss, whose per-step entropy/accuracy metrics are read back between the forward 
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger(__name__)
 
 
+@functools.cache  # one class per process (trl imported on first use)
 def project_trainer_class():
     """SFTTrainer with the above; `model_loss` / `defer_syncs` are set on the instance after construction
     (`configure_trainer`)."""
