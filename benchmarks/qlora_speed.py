@@ -28,6 +28,8 @@ Modes (LoRA r16, alpha 32, dropout 0 on q,k,v,o,gate,up,down; AdamW; bf16 comput
   hf_gptq (stock peft LoRA over gptqmodel's trainable kernel), project_gptq (the stage's path with the
   h200 profile: hardware.gptq_dequant_matmul), project_gptq_plain (the same with it off), gptq_check
   (its dequantization and LoRA gradients against the stock kernel).
+- memory_nf4 / memory_gptq: what is live at the step's memory peak, by the line that allocated it
+  (benchmarks/memory_trace.py), over each base.
 
 Timing: CUDA-synchronised clock at each optimizer step's end; fixed shape: median of steps 3..N;
 real data: non-pad tokens of steps 3..N over their time. Peak memory: torch.cuda.max_memory_allocated
@@ -523,6 +525,34 @@ def run_profile(args, overrides: dict | None = None) -> dict:
     return result
 
 
+def run_memory(args, base: str) -> dict:
+    """What is live when the project's QLoRA step peaks, by allocating line (benchmarks/memory_trace.py):
+    the allocator records every allocation with its Python stack from before the model loads to the end of
+    step 3 (4 steps run); `memory_nf4` beside `memory_gptq` locates what GPTQ adds over NF4."""
+    from transformers import TrainerCallback
+
+    from memory_trace import live_at_peak
+
+    holder = {}
+
+    class StopAfterStep3(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 3 and CUDA and "trace" not in holder:
+                holder["trace"] = torch.cuda.memory._snapshot()["device_traces"][0]
+                torch.cuda.memory._record_memory_history(enabled=None)
+
+    if CUDA:
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python", max_entries=2_000_000)
+    try:
+        result = run_project(SimpleNamespace(**{**vars(args), "steps": 4}), {}, "fixed", base=base,
+                             extra_callbacks=[StopAfterStep3()])
+    finally:
+        if CUDA:
+            torch.cuda.memory._record_memory_history(enabled=None)
+    result["memory_at_peak"] = live_at_peak(holder.get("trace", []), top=20)
+    return result
+
+
 def run_gen(args) -> dict:
     """The eval stage's batched generation vs HF generate one prompt at a time, same model and prompts."""
     from transformers import GenerationConfig
@@ -833,6 +863,9 @@ MODES = {
     # the h200 profile's own 4 data-loading workers (the other modes collate in the training process)
     "project_keep_workers": lambda a: run_project(a, {"keep_recomputed_weights": True, "dataloader_workers": 4}, "fixed"),
     "gen": run_gen,
+    # what is live at the step's peak, by allocating line, over each base (GPTQ's extra memory over NF4)
+    "memory_nf4": lambda a: run_memory(a, "nf4"),
+    "memory_gptq": lambda a: run_memory(a, "gptq"),
     "profile": run_profile,
     "profile_keep": lambda a: run_profile(a, {"keep_recomputed_weights": True}),
     "sft1b": lambda a: run_project(a, {}, "real", sft=True),
@@ -1018,6 +1051,13 @@ def table(args) -> None:
             print(f"\n{r['mode']}: {p['steps']} steps profiled, {p['window_ms']:.0f} ms, kernels {p['busy_ms']:.0f} ms, "
                   f"GPU idle {p['idle_ms']:.0f} ms; largest gaps (ms into the window: ms, the kernel after): "
                   + ", ".join(f"{g['at_ms']:.0f}: {g['ms']:.1f} {g['next_kernel'][:40]}" for g in p.get("largest_gaps", [])))
+    for r in records:
+        if r.get("what") == "mode" and "memory_at_peak" in r:
+            m = r["memory_at_peak"]
+            print(f"\n{r['mode']}: peak {r['peak_gib']:.2f} GiB (traced {m['traced_peak_gib']:.2f}, at trace entry "
+                  f"{m['peak_at_entry']:,} of {m['entries']:,}); live then, by allocating line:")
+            for s in m["sites"]:
+                print(f"  {s['gib']:7.3f} GiB  {s['blocks']:5d} blocks  {s['site']}")
     if leftovers:
         print("\npeak GiB above what earlier modes left allocated: " + ", ".join(leftovers))
     for r in records:

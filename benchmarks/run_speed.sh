@@ -191,13 +191,21 @@ elif [ "${ONLY:-}" = s5d ]; then  # fifth session, call 4 (carry .site-speed, .s
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 230 project_modelloss_log5 unsloth project_modelloss_log5
-elif [ "${ONLY:-}" = s6 ]; then  # prepared in the fifth session, not run yet (carry .site-speed, .site-unsloth):
+elif [ "${ONLY:-}" = s6 ]; then  # prepared in the fifth session, run in the sixth (call 1; carry .site-speed, .site-unsloth):
   # the Trainer's host syncs deferred to the step's end, alone and with model_loss, beside the profile and unsloth,
   # alternated in fresh processes; then the GPU idle time of the lean step (profile_lean)
   timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 480 project project_lean unsloth project_deferred project_lean unsloth project profile_lean
+elif [ "${ONLY:-}" = s7 ]; then  # sixth session, call 2 (carry .site-speed, .site-unsloth, .site-gptq): the h200
+  # profile with deferred_step_syncs now on, alternated with unsloth in fresh processes; then QLoRA over GPTQ and
+  # what is live at the step's memory peak over NF4 and over GPTQ (by allocating line)
+  use_gptq_site
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  run_fresh 500 project unsloth project unsloth project_gptq memory_nf4 memory_gptq
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
