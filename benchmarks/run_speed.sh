@@ -206,6 +206,14 @@ elif [ "${ONLY:-}" = s7 ]; then  # sixth session, call 2 (carry .site-speed, .si
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 500 project unsloth project unsloth project_gptq memory_nf4 memory_gptq
+elif [ "${ONLY:-}" = s8 ]; then  # sixth session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): QLoRA over
+  # GPTQ with its adapter in bfloat16 (as TRL keeps it over NF4) beside NF4 and unsloth; real-data rows with the
+  # profile's deferred_step_syncs
+  use_gptq_site
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  install_unsloth_site
+  run_fresh 430 project_gptq project unsloth project_gptq real
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3

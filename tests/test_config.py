@@ -110,6 +110,16 @@ def test_speed_options_that_change_training_arithmetic_enter_only_the_lineages_t
     assert qlora_lineage(kept, "p") == qlora_lineage(cpu, "p")
 
 
+def test_bfloat16_adapters_over_a_base_trl_leaves_in_float32_enter_its_qlora_lineage(monkeypatch):
+    from ptq_qlora.adapters import lora
+
+    cpu = make(["stage=pipeline", "hardware.gptq_dequant_matmul=false"])
+    assert qlora_lineage(cpu, "p", base_method="gptq") != qlora_lineage(cpu, "p", base_method="bnb")
+    # the adapter's precision is the only difference: counted as TRL's cast, GPTQ's lineage is bnb's
+    monkeypatch.setattr(lora, "ADAPTERS_CAST_BY_TRL", ("bnb", "gptq"))
+    assert qlora_lineage(cpu, "p", base_method="gptq") == qlora_lineage(cpu, "p", base_method="bnb")
+
+
 def test_t4_profile_has_no_bf16():
     assert make(["hardware=t4"]).hardware.dtype == "float16"
 

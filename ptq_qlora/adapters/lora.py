@@ -55,6 +55,24 @@ def attach_lora(model: torch.nn.Module, target_modules: list[str], r: int, alpha
     return peft_model
 
 
+# TRL's SFTTrainer puts a QLoRA adapter in bfloat16 (the QLoRA paper's recipe), but only over a
+# bitsandbytes base (`is_loaded_in_4bit`): over GPTQ it stayed float32, measured +0.33 GiB at the peak of
+# a 7B's step (parameters, gradients, Adam states; benchmarks/RESULTS.md, sixth session) and another
+# adapter precision than NF4's. The QLoRA stage casts over every 4-bit base, so quantizers compare alike.
+ADAPTERS_CAST_BY_TRL = ("bnb",)
+
+
+def adapters_in_bfloat16(peft_model: torch.nn.Module) -> int:
+    """TRL's QLoRA cast for any base: trainable weights to bfloat16, DoRA's magnitude vector excepted (its
+    updates can fall below bfloat16's resolution: TRL excludes it too). Returns the number cast."""
+    count = 0
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad and "lora_magnitude_vector" not in name and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 def dequantize_frozen_base(peft_model: torch.nn.Module, dtype: torch.dtype) -> int:
     """CPU training speed: give every LoRA layer a frozen nn.Linear base holding the weights its 4-bit
     layer multiplies by, dequantized once instead of in every forward and backward (gptqmodel's CPU

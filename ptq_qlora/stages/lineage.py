@@ -112,9 +112,14 @@ def ptq_lineage(cfg, parent: str) -> str:
 
 def qlora_lineage(cfg, parent: str, base_method: str | None = None) -> str:
     """`base_method`: the quantizer method of the 4-bit base (its options that only act on it)."""
+    from ptq_qlora.adapters.lora import ADAPTERS_CAST_BY_TRL
+
+    # bfloat16 adapters over a base TRL leaves in float32 (GPTQ): another computation than before the
+    # stage cast them, so another lineage; over bnb TRL always did, and the lineage stays
+    adapters = {} if base_method in ADAPTERS_CAST_BY_TRL else {"adapter_dtype": "bfloat16"}
     return lineage_of(
         parent, stage="qlora", train=train_settings(cfg, "qlora"), **data_identity(cfg),
-        prompt=prompt_identity(cfg), **_training_context(cfg, "qlora", base_method),
+        prompt=prompt_identity(cfg), **_training_context(cfg, "qlora", base_method), **adapters,
     )
 
 

@@ -22,7 +22,7 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
     """The 4-bit model at `model_path` loaded for training with a fresh adapter (LoRA, or QA-LoRA for
     that method) and the hardware profile's QLoRA options applied; returns (model, parameter counts).
     benchmarks/qlora_speed.py times this same function."""
-    from ptq_qlora.adapters import attach_lora, dequantize_frozen_base, parameter_counts
+    from ptq_qlora.adapters import ADAPTERS_CAST_BY_TRL, adapters_in_bfloat16, attach_lora, dequantize_frozen_base, parameter_counts
     from ptq_qlora.adapters.qalora import attach_qalora
     from ptq_qlora.quantizers import get_method, load_quantized
     from ptq_qlora.quantizers.common import parse_dtype
@@ -32,6 +32,9 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
     attach = partial(attach_qalora, group_size=qcfg.group_size) if adapter == "qa-lora" else attach_lora
     model = attach(model, targets, r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
                    gradient_checkpointing=hardware.gradient_checkpointing)
+    if qcfg.method not in ADAPTERS_CAST_BY_TRL:  # TRL does it over bnb only (adapters/lora.py)
+        log.info("adapter weights in bfloat16 over the %s base, as TRL keeps them over bnb: %d tensors",
+                 qcfg.method, adapters_in_bfloat16(model))
     compute_dtype = parse_dtype(hardware.dtype)
     if distributed.strategy_for(hardware, peft=True) == "fsdp":
         from ptq_qlora.quantizers.bnb import use_float_quant_storage
