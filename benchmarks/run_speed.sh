@@ -214,6 +214,13 @@ elif [ "${ONLY:-}" = s8 ]; then  # sixth session, call 3 (carry .site-speed, .si
   echo "make done ${SECONDS}s"
   install_unsloth_site
   run_fresh 430 project_gptq project unsloth project_gptq real
+elif [ "${ONLY:-}" = s9 ]; then  # sixth session, call 4 (carry .site-speed, .site-gptq; ~5 min left): call 3's two
+  # project_gptq runs failed inside transformers' from_pretrained (a kwargs dict holding a module's globals, then a
+  # segfault at exit: memory corruption) where call 2's ran; the same mode again, and its memory at the peak
+  use_gptq_site
+  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+  run_fresh 200 project_gptq memory_gptq
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
     timeout 90 $S make --dir $B/$arch --arch $arch --layers 8 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
