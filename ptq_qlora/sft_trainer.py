@@ -16,7 +16,8 @@ loss, whose per-step entropy/accuracy metrics are read back between the forward 
   entries are gone with its head;
 - `hardware.deferred_step_syncs`: the token count stays on the device until the optimizer step is
   queued (one read a step, at its end) and the logged loss is not NaN-filtered (a NaN shows in the logs
-  instead of being replaced by an average: a diverging run is seen, not hidden).
+  instead of being replaced by an average: a diverging run is seen, not hidden). Measured +3.5% tok/s on a
+  7B (H200, sixth session; GPU idle 9% -> 4.4% of a step): on in the h100/h200/a100 profiles.
 """
 from __future__ import annotations
 
