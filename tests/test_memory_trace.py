@@ -1,16 +1,10 @@
 """benchmarks/memory_trace.py: replaying an allocator trace finds the peak of the traced bytes and names
 what was live at that moment by its allocating line (the first frame outside torch's plumbing)."""
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 def _memory_trace():
-    spec = importlib.util.spec_from_file_location("memory_trace", BENCH / "memory_trace.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("memory_trace")
 
 
 def _frames(*where):

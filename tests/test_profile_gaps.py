@@ -1,18 +1,13 @@
 """benchmarks/qlora_speed.py's profile summary: the GPU's busy time is the union of kernel intervals over
 all streams (overlaps counted once), the idle time the rest of the window, and the largest idle gaps say
 where the GPU waited and which kernel ended the wait. Host (CPU) events do not count."""
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark
 
 
 def _qlora_speed():
-    spec = importlib.util.spec_from_file_location("qlora_speed", BENCH / "qlora_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("qlora_speed")
 
 
 def _event(device, name, start_us, end_us):

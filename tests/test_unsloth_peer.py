@@ -1,21 +1,14 @@
 """benchmarks/unsloth_peer.py without unsloth (it runs only on the GPU machine, see benchmarks/UNSLOTH.md):
 its refusals before unsloth is imported, the names it takes from qlora_speed.py, and the table's
 unsloth column (the measured row when there is one, the H100 reference otherwise)."""
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_modules import load_benchmark as load
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
