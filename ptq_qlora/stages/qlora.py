@@ -22,7 +22,8 @@ def trainable_quantized_model(qcfg, model_path, hardware, targets: list[str], se
     """The 4-bit model at `model_path` loaded for training with a fresh adapter (LoRA, or QA-LoRA for
     that method) and the hardware profile's QLoRA options applied; returns (model, parameter counts).
     benchmarks/qlora_speed.py times this same function."""
-    from ptq_qlora.adapters import ADAPTERS_CAST_BY_TRL, adapters_in_bfloat16, attach_lora, dequantize_frozen_base, parameter_counts
+    from ptq_qlora.adapters import (ADAPTERS_CAST_BY_TRL, adapters_in_bfloat16, attach_lora, dequantize_frozen_base,
+                                    parameter_counts)
     from ptq_qlora.adapters.qalora import attach_qalora
     from ptq_qlora.quantizers import get_method, load_quantized
     from ptq_qlora.quantizers.common import parse_dtype
