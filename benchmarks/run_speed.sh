@@ -31,6 +31,11 @@ install_unsloth_site() {  # unsloth runs in its own process on the image's trans
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-unsloth .site-unsloth/whl/*.whl \
     .site-speed/whl/{bitsandbytes,peft,dill,multiprocess}-*.whl >> "$OUT/pip.txt" 2>&1 || tail -3 "$OUT/pip.txt"
 }
+make_llama2() {  # make_llama2 TIMEOUT_S [make flags...]: the random Llama-2-7B-shaped checkpoints in $B/llama2
+  local limit=$1; shift
+  timeout "$limit" $S make --dir $B/llama2 --arch llama2 "$@" --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  echo "make done ${SECONDS}s"
+}
 run_fresh() {  # run_fresh LIMIT_S MODE...: each mode in its own fresh process, 20 steps (3..20 timed); unsloth is
   # benchmarks/unsloth_peer.py; a mode is skipped once the call has run LIMIT_S seconds
   local limit=$1 m; shift
@@ -46,8 +51,7 @@ run_fresh() {  # run_fresh LIMIT_S MODE...: each mode in its own fresh process, 
   done
 }
 if [ "${ONLY:-}" = recheck ]; then  # the second call: fixed-width packed batches, check with its noise floor
-  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 100
   timeout 120 $S run --dir $B/llama2 --arch llama2 --budget-s 70 --modes check,real,project --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = gptq ]; then  # GPTQ: the PTQ stage's quantizer on the 7B (timed), QLoRA over it vs NF4
@@ -61,8 +65,7 @@ elif [ "${ONLY:-}" = gptq ]; then  # GPTQ: the PTQ stage's quantizer on the 7B (
 elif [ "${ONLY:-}" = next ]; then  # third session, call 1: where a step's time goes, the one-addmm LoRA add,
   # QLoRA over GPTQ with the dequantization straight to bf16 (and its gradient check)
   export PYTHONPATH=$PYTHONPATH:$PWD/.site-qalora/py LD_LIBRARY_PATH=$PWD/.site-qalora/lib USE_HUB_KERNELS=0
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --gptq-random
   timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 250 \
     --modes profile,project,project_fusedlora,project_gptq,gptq_check --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
@@ -70,8 +73,7 @@ elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, 
   # h200 profile (fused_lora with sibling groups, async offload, fused AdamW) beside unsloth, stock HF, the GPU
   # gradient checks (NF4 fast vs plain, GPTQ), QLoRA over GPTQ; 16 steps a mode (steps 3..16 timed)
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --keep-bf16 --gptq-random
   timeout 150 $S run --dir $B/llama2 --arch llama2 --steps 16 --modes project,project_nogroup --out "$R" > "$OUT/log.txt" 2>&1
   echo "run A rc=$? ${SECONDS}s"
   install_unsloth_site
@@ -86,14 +88,13 @@ elif [ "${ONLY:-}" = final ]; then  # third session, call 3 (carry .site-speed, 
   timeout $((590 - SECONDS)) python3 benchmarks/gptq_release_check.py --dir $B/grc --layers 4 2>>"$OUT/log.txt" | grep '^{' >> "$R"
 elif [ "${ONLY:-}" = compile ]; then  # not run yet: hardware.compile_layers (each of the 32 blocks compiles its own
   # graph: minutes before the first step) beside the profile's path; carry .site-speed
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  make_llama2 150
   timeout 420 $S run --dir $B/llama2 --arch llama2 --steps 16 --modes project,project_compiled --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"
 elif [ "${ONLY:-}" = side ]; then  # third session, call 2 (carry .site-speed + .site-unsloth): fused_lora and the
   # asynchronous activation offload beside unsloth on this GPU (its own process with the image's transformers
   # 5.17 and trl 1.15: benchmarks/UNSLOTH.md), stock HF, a profile, the offload's gradient check
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --keep-bf16
   timeout 200 $S run --dir $B/llama2 --arch llama2 --steps 10 --modes project,project_offload,project_unfused --out "$R" > "$OUT/log.txt" 2>&1
   echo "run A rc=$? ${SECONDS}s"
   install_unsloth_site
@@ -141,8 +142,7 @@ elif [ "${ONLY:-}" = ab ]; then  # fourth session, call 2 (carry .site-speed, .s
   # profile's QLoRA path and unsloth alternated, each in a fresh process (no memory left by an earlier mode, two
   # rounds for the noise), and QLoRA over GPTQ in its own fresh process; 24 steps a run (steps 3..24 timed)
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --keep-bf16 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --keep-bf16 --gptq-random
   install_unsloth_site
   for round in 1 2; do
     timeout 100 $S run --dir $B/llama2 --arch llama2 --steps 24 --modes project --out "$R" >> "$OUT/log.txt" 2>&1
@@ -162,8 +162,7 @@ elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1, at commit 1a21bf7 (pro
   # option were removed after it; carry .site-speed, .site-unsloth): which attention kernel
   # sdpa runs and cuDNN's gradients vs flash's; then fresh processes alternated: the h200 profile as it was,
   # + sdpa_priority [cudnn], + keep_recomputed_weights, unsloth; 20 steps a run (steps 3..20 timed)
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150
   install_unsloth_site
   timeout 90 $S run --dir $B/llama2 --arch llama2 --modes sdpa_check --out "$R" > "$OUT/log_check.txt" 2>&1
   echo "sdpa_check rc=$? ${SECONDS}s"
@@ -171,8 +170,7 @@ elif [ "${ONLY:-}" = s5 ]; then  # fifth session, call 1, at commit 1a21bf7 (pro
 elif [ "${ONLY:-}" = s5b ]; then  # fifth session, call 2 (carry .site-speed, .site-unsloth): where the step with
   # keep_recomputed_weights spends its time (kernels, GPU idle), and what the Trainer's step costs (the same
   # model path in the peers' plain loop; the profile's data-loading workers); unsloth beside them
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150
   install_unsloth_site
   run_fresh 500 profile_keep project_keep project_keep_loop project_keep_workers unsloth
   # (this call printed profile_keep's summary and 40 largest kernels with a one-off python -c; `table` below now
@@ -181,45 +179,39 @@ elif [ "${ONLY:-}" = s5c ]; then  # fifth session, call 3 (carry .site-speed, .s
   # (the model's own Liger fused loss instead of TRL's head and its per-step metric syncs) beside the profile without
   # it and unsloth, alternated in fresh processes, 20 steps (3..20 timed); then over GPTQ and on real-data rows
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --gptq-random
   install_unsloth_site
   run_fresh 500 project_keep project_modelloss unsloth project_modelloss unsloth project_keep project_gptq_modelloss real_modelloss
 elif [ "${ONLY:-}" = s5d ]; then  # fifth session, call 4 (carry .site-speed, .site-unsloth; ~5 min of device time
   # left): model_loss at the stage's own logging interval (5 steps; the benchmark logged every step) beside unsloth
-  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 120
   install_unsloth_site
   run_fresh 230 project_modelloss_log5 unsloth project_modelloss_log5
 elif [ "${ONLY:-}" = s6 ]; then  # prepared in the fifth session, run in the sixth (call 1; carry .site-speed, .site-unsloth):
   # the Trainer's host syncs deferred to the step's end, alone and with model_loss, beside the profile and unsloth,
   # alternated in fresh processes; then the GPU idle time of the lean step (profile_lean)
-  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 120
   install_unsloth_site
   run_fresh 480 project project_lean unsloth project_deferred project_lean unsloth project profile_lean
 elif [ "${ONLY:-}" = s7 ]; then  # sixth session, call 2 (carry .site-speed, .site-unsloth, .site-gptq): the h200
   # profile with deferred_step_syncs now on, alternated with unsloth in fresh processes; then QLoRA over GPTQ and
   # what is live at the step's memory peak over NF4 and over GPTQ (by allocating line)
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --gptq-random
   install_unsloth_site
   run_fresh 500 project unsloth project unsloth project_gptq memory_nf4 memory_gptq
 elif [ "${ONLY:-}" = s8 ]; then  # sixth session, call 3 (carry .site-speed, .site-unsloth, .site-gptq): QLoRA over
   # GPTQ with its adapter in bfloat16 (as TRL keeps it over NF4) beside NF4 and unsloth; real-data rows with the
   # profile's deferred_step_syncs
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --gptq-random
   install_unsloth_site
   run_fresh 430 project_gptq project unsloth project_gptq real
 elif [ "${ONLY:-}" = s9 ]; then  # sixth session, call 4 (carry .site-speed, .site-gptq; ~5 min left): call 3's two
   # project_gptq runs failed inside transformers' from_pretrained (a kwargs dict holding a module's globals, then a
   # segfault at exit: memory corruption) where call 2's ran; the same mode again, and its memory at the peak
   use_gptq_site
-  timeout 150 $S make --dir $B/llama2 --arch llama2 --gptq-random --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 150 --gptq-random
   run_fresh 200 project_gptq memory_gptq
 elif [ "${ONLY:-}" = extra ]; then
   for arch in qwen2 mistral; do
@@ -227,14 +219,13 @@ elif [ "${ONLY:-}" = extra ]; then
     timeout 120 $S run --dir $B/$arch --arch $arch --modes hf,project --out "$R" 2>&1 > "$OUT/log_$arch.txt"
     rm -rf $B/$arch; echo "$arch done ${SECONDS}s"
   done
-  timeout 100 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
+  make_llama2 100
   timeout 150 $S run --dir $B/llama2 --arch llama2 --modes real,real_flex,project_flex --out "$R" > "$OUT/log_flex.txt" 2>&1
   rm -rf $B/llama2; echo "flex done ${SECONDS}s"
   timeout 60 $S make --dir $B/tl --arch tinyllama --keep-bf16 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
   timeout 150 $S run --dir $B/tl --arch tinyllama --modes sft1b_before,sft1b --out "$R" > "$OUT/log_sft.txt" 2>&1
 else
-  timeout 120 $S make --dir $B/llama2 --arch llama2 --out "$R" 2>&1 | grep -E '^\{|Error' | tail -3
-  echo "make done ${SECONDS}s"
+  make_llama2 120
   timeout 330 $S run --dir $B/llama2 --arch llama2 --budget-s 260 \
     --modes hf,project_before,real_before,gen,check,project,real,project_offload,liger --out "$R" > "$OUT/log.txt" 2>&1
   echo "run rc=$? ${SECONDS}s"

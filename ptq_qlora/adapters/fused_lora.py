@@ -9,8 +9,9 @@ Only x and the rank-r `x @ A^T` are kept for the backward; the base weight is de
 (as bnb's own 4-bit matmul does), never saved; except, with `keep_recomputed_weights`, in an offloaded
 checkpoint's recomputation, whose backward follows at once: the weights dequantized there serve it
 (one dequantization fewer per layer and step, one layer's 16-bit weights more at the peak). The rank-r
-product is accumulated in float32 before its one rounding, so under bf16 it differs from peft's by rounding only; in float32 it is peft's function
-(tests/test_fused_lora.py). unsloth's fast_lora kernels do the same per projection.
+product is accumulated in float32 before its one rounding, so under bf16 it differs from peft's by
+rounding only; in float32 it is peft's function (tests/test_fused_lora.py). unsloth's fast_lora kernels
+do the same per projection.
 
 Layers with anything else (dropout, DoRA/QA-LoRA variants, a LoRA bias, several or disabled adapters,
 merged weights, mixed adapter batches, a base kernel without a dense dequantization) keep peft's forward.
